@@ -1,0 +1,144 @@
+"""The canonical record every pipeline stage reads and writes, and the problem report they share.
+
+A :class:`Record` is either a conversation (``messages``) or a raw-text document (``text``). Every stage is a
+function over ``list[Record]`` batches, so the same code runs in-process, in a process pool or on a
+distributed engine; stages never drop a record without returning a :class:`Problem` that says why.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(slots=True)
+class Message:
+    role: str
+    content: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass(slots=True)
+class Record:
+    """One training example, normalized from any input format.
+
+    ``source`` and ``row`` (1-based line or row number in that file) identify it in every report.
+    ``extra`` keeps the input row's other fields so that writers can preserve them.
+    """
+
+    source: str
+    row: int
+    messages: list[Message] | None = None
+    text: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.row}"
+
+    def messages_as_dicts(self) -> list[dict[str, str]]:
+        return [m.to_dict() for m in self.messages or ()]
+
+
+@dataclass(slots=True, frozen=True)
+class Problem:
+    """Why one input row was not used as it is: where it is, which stage refused it, and the reason.
+
+    ``kind`` is a short stable key used for counting (``"malformed-json"``, ``"no-trained-tokens"`` ...);
+    ``detail`` is the human sentence.
+    """
+
+    source: str
+    row: int
+    stage: str
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.row}: [{self.stage}/{self.kind}] {self.detail}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "row": self.row, "stage": self.stage, "kind": self.kind, "detail": self.detail}
+
+
+class DataError(Exception):
+    """A problem that stops the run (``--on-error fail``, an unreadable file, a bad option)."""
+
+    def __init__(self, message: str, problem: Problem | None = None):
+        super().__init__(message)
+        self.problem = problem
+
+
+class ProblemLog:
+    """Counts problems by kind and keeps the first few of each for the report.
+
+    With ``on_error="fail"`` the first problem raises :class:`DataError` naming its file, row and reason.
+    """
+
+    def __init__(self, on_error: str = "skip", keep_per_kind: int = 20):
+        if on_error not in ("skip", "fail"):
+            raise ValueError(f"on_error must be 'skip' or 'fail', not {on_error!r}")
+        self.on_error = on_error
+        self.keep_per_kind = keep_per_kind
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[Problem]] = {}
+
+    def add(self, problem: Problem) -> None:
+        self.counts[problem.kind] += 1
+        kept = self.examples.setdefault(problem.kind, [])
+        if len(kept) < self.keep_per_kind:
+            kept.append(problem)
+        if self.on_error == "fail":
+            raise DataError(str(problem), problem)
+
+    def extend(self, problems: Iterable[Problem]) -> None:
+        for problem in problems:
+            self.add(problem)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "by_kind": dict(sorted(self.counts.items())),
+            "examples": {k: [p.to_dict() for p in v] for k, v in sorted(self.examples.items())},
+        }
+
+
+@dataclass(slots=True)
+class Removal:
+    """A record a cleaning stage removed on purpose (duplicate, contaminated): counted and auditable, not an error.
+
+    ``matched`` says what it matched: the kept row of its duplicate cluster, or the eval item it overlaps.
+    """
+
+    record: Record
+    stage: str
+    reason: str
+    detail: str
+    matched: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "source": self.record.source,
+            "row": self.record.row,
+            "stage": self.stage,
+            "reason": self.reason,
+            "detail": self.detail,
+            "matched": self.matched,
+        }
+        if self.record.is_chat:
+            row["messages"] = self.record.messages_as_dicts()
+        else:
+            row["text"] = self.record.text
+        return row
