@@ -7,6 +7,7 @@ distributed engine; stages never drop a record without returning a :class:`Probl
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -84,10 +85,11 @@ class ProblemLog:
     With ``on_error="fail"`` the first problem raises :class:`DataError` naming its file, row and reason.
     """
 
-    def __init__(self, on_error: str = "skip", keep_per_kind: int = 20):
+    def __init__(self, on_error: str = "skip", keep_per_kind: int = 20, sink: Any = None):
         if on_error not in ("skip", "fail"):
             raise ValueError(f"on_error must be 'skip' or 'fail', not {on_error!r}")
         self.on_error = on_error
+        self.sink = sink  # a text file: every problem is appended to it as one JSON line
         self.keep_per_kind = keep_per_kind
         self.counts: Counter[str] = Counter()
         self.examples: dict[str, list[Problem]] = {}
@@ -97,6 +99,8 @@ class ProblemLog:
         kept = self.examples.setdefault(problem.kind, [])
         if len(kept) < self.keep_per_kind:
             kept.append(problem)
+        if self.sink is not None:
+            self.sink.write(json.dumps(problem.to_dict(), ensure_ascii=False) + "\n")
         if self.on_error == "fail":
             raise DataError(str(problem), problem)
 

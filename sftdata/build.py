@@ -1,0 +1,318 @@
+"""``build``: ingest → clean → render/tokenize → truncate → split → (pack) → write, streaming in batches."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import Counter, defaultdict
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from sftdata import __version__
+from sftdata.ingest import ReadStats, input_size, parse_columns, read_records
+from sftdata.record import DataError, ProblemLog, Record, Removal
+from sftdata.render import EncodeOptions, Encoded, Encoder, truncate
+from sftdata.templates import load_template
+from sftdata.tokenizer import load_tokenizer, tokenizer_identity
+from sftdata.write import (
+    FORMAT,
+    LABELS_NOTE,
+    SplitWriter,
+    commit_dir,
+    file_sha256,
+    fingerprint,
+    is_sftdata_output,
+    read_manifest,
+    staging_dir,
+    write_manifest,
+)
+
+DEFAULT_OUTPUT = "sftdata-out"
+TRUNCATION = ("right", "drop")
+
+
+@dataclass
+class BuildResult:
+    output: Path
+    manifest: dict[str, Any]
+    up_to_date: bool = False
+
+
+def assign_split(key: str, row: int, eval_fraction: float, seed: int) -> str:
+    """Deterministic train/validation assignment from the input file's hash, the row and the seed."""
+    if eval_fraction <= 0:
+        return "train"
+    h = xxhash.xxh64_intdigest(f"{seed}:{key}:{row}")
+    return "validation" if h < eval_fraction * 2**64 else "train"
+
+
+class _Progress:
+    """A rich progress bar over input bytes (no-op when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, console: Any = None):
+        self.enabled = enabled
+        self._progress = None
+        if enabled:
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                                      TextColumn("{task.fields[rows]} rows"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                      console=console, transient=False)
+            self._task = self._progress.add_task("build", total=total or None, rows=0)
+
+    def __enter__(self):
+        if self._progress is not None:
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def phase(self, description: str, total: int) -> None:
+        if self._progress is not None:
+            self._progress.reset(self._task, total=total or None, description=description, rows=0)
+
+    def advance(self, nbytes: int) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, nbytes)
+
+    def rows(self, n: int) -> None:
+        if self._progress is not None:
+            task = self._progress.tasks[0]
+            self._progress.update(self._task, rows=task.fields["rows"] + n)
+
+
+def _columns(examples: list[Encoded]) -> dict[str, list[Any]]:
+    return {
+        "input_ids": [e.input_ids for e in examples],
+        "labels": [e.labels for e in examples],
+        "source": [e.source for e in examples],
+        "row": [e.row for e in examples],
+        "num_tokens": [len(e.input_ids) for e in examples],
+        "num_trained": [e.num_trained for e in examples],
+        "truncated": [e.truncated for e in examples],
+    }
+
+
+def build(
+    inputs: list[str] | str,
+    *,
+    template: str = "chatml",
+    tokenizer: str | None = None,
+    output: str | Path = DEFAULT_OUTPUT,
+    format: str | None = None,
+    columns: dict[str, str] | str | None = None,
+    strip: bool = False,
+    max_length: int | None = None,
+    truncation: str = "right",
+    train_turns: str = "all",
+    train_on_prompt: bool = False,
+    special_text: str = "reject",
+    on_error: str = "skip",
+    pack: bool = False,
+    eval_fraction: float = 0.0,
+    seed: int = 0,
+    dedup: bool = False,
+    dedup_options: dict[str, Any] | None = None,
+    decontaminate: list[str] | tuple[str, ...] = (),
+    decontaminate_options: dict[str, Any] | None = None,
+    report: str | Path | None = None,
+    batch_size: int = 1000,
+    force: bool = False,
+    progress: bool = False,
+    console: Any = None,
+) -> BuildResult:
+    """Build training-ready token data from ``inputs`` into ``output`` (Parquet + ``manifest.json``).
+
+    Every row either becomes an example whose labels satisfy the guide's invariants I1–I5 or is counted in the
+    manifest with its reason (``--on-error skip``), or stops the build (``on_error="fail"``). When ``output``
+    already holds a build with the same fingerprint (input bytes, template, tokenizer, options) nothing is redone
+    unless ``force``.
+    """
+    started = time.perf_counter()
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else [str(p) for p in inputs]
+    if not inputs:
+        raise DataError("no input files given")
+    if truncation not in TRUNCATION:
+        raise DataError(f"truncation must be one of {TRUNCATION}, not {truncation!r}")
+    if pack and not max_length:
+        raise DataError("--pack needs --max-length N (the packed row length)")
+    if not 0 <= eval_fraction < 1:
+        raise DataError(f"--eval-fraction must be in [0, 1), not {eval_fraction}")
+    for path in inputs:
+        if not Path(path).exists() and not ("/" in path and Path(path).suffix == "" and not path.startswith((".", "/"))):
+            raise DataError(f"{path}: no such file or directory")
+    output = Path(output)
+    column_map = parse_columns(columns)
+    encode_options = EncodeOptions(train_turns=train_turns, train_on_prompt=train_on_prompt, special_text=special_text)
+
+    tok = load_tokenizer(tokenizer, template=template)
+    tpl = load_template(template, tok)
+    encoder = Encoder(tpl, tok, encode_options)
+    tok_identity = tokenizer_identity(tok)
+    # What load_tokenizer() takes to get the same tokenizer back (show, train).
+    tok_identity["load"] = (str(Path(tokenizer).resolve()) if tokenizer and Path(tokenizer).exists()
+                            else tokenizer or tok.sftdata_name.split(" ")[0])
+
+    input_hashes = {p: (file_sha256(p) if Path(p).is_file() else _dir_hash(Path(p))) for p in inputs}
+    options = {
+        "format": format, "columns": column_map, "strip": strip, "max_length": max_length, "truncation": truncation,
+        "train_turns": train_turns, "train_on_prompt": train_on_prompt, "special_text": special_text,
+        "on_error": on_error, "pack": pack, "eval_fraction": eval_fraction, "seed": seed,
+        "dedup": dedup, "dedup_options": dedup_options or {}, "decontaminate": [file_sha256(p) for p in decontaminate],
+        "decontaminate_options": decontaminate_options or {},
+    }
+    key = fingerprint([FORMAT, input_hashes, tpl.sha256, tok_identity["sha256"], options])
+    if not force and is_sftdata_output(output):
+        existing = read_manifest(output)
+        if existing.get("fingerprint") == key:
+            return BuildResult(output, existing, up_to_date=True)
+
+    problems = ProblemLog(on_error=on_error)
+    removed: Counter[str] = Counter()
+    stats: list[ReadStats] = []
+    per_source: dict[str, Counter[str]] = defaultdict(Counter)
+    kept = truncated = 0
+    total_bytes = sum(input_size(p) for p in inputs)
+    # The staging dir is only the in-progress output: any failure removes it and leaves `output` as it was.
+    tmp = staging_dir(output)
+    try:
+        cleaners = _make_cleaners(dedup, dedup_options, decontaminate, decontaminate_options)
+        split_dir = tmp / "unpacked" if pack else tmp
+        split_dir.mkdir(exist_ok=True)
+        writers = {name: SplitWriter(split_dir, name) for name in (("train", "validation") if eval_fraction > 0 else ("train",))}
+        with ExitStack() as stack:
+            bar = stack.enter_context(_Progress(progress, total_bytes, console))
+            problems.sink = stack.enter_context(open(tmp / "problems.jsonl", "w", encoding="utf-8"))
+            removed_file = stack.enter_context(open(tmp / "removed.jsonl", "w", encoding="utf-8"))
+            deduplicator = cleaners.get("dedup")
+            if deduplicator is not None:  # pass 1: sketch everything, then cluster
+                bar.phase("dedup: sketching", total_bytes)
+                for batch in read_records(inputs, format=format, columns=column_map, strip=strip, problems=ProblemLog(),
+                                          batch_size=batch_size, on_progress=bar.advance):
+                    deduplicator.add_batch(batch)
+                    bar.rows(len(batch))
+                deduplicator.finalize()
+                bar.phase("build", total_bytes)
+            for batch in read_records(inputs, format=format, columns=column_map, strip=strip, problems=problems,
+                                      batch_size=batch_size, on_progress=bar.advance, stats=stats):
+                bar.rows(len(batch))
+                for stage in cleaners.values():
+                    batch, removals = stage.filter_batch(batch)
+                    for removal in removals:
+                        removed[removal.reason] += 1
+                        removed_file.write(json.dumps(removal.to_dict(), ensure_ascii=False) + "\n")
+                examples, batch_problems = encoder.encode_batch(batch)
+                problems.extend(batch_problems)
+                outputs: dict[str, list[Encoded]] = defaultdict(list)
+                for example in examples:
+                    if max_length and len(example.input_ids) > max_length:
+                        if truncation == "drop":
+                            _too_long(problems, example, max_length, "dropped (--truncation drop)")
+                            continue
+                        cut = truncate(example, max_length)
+                        if cut is None:
+                            _too_long(problems, example, max_length, "truncation would leave no trained token")
+                            continue
+                        example = cut
+                        truncated += 1
+                    split = assign_split(input_hashes[example.source], example.row, eval_fraction, seed)
+                    outputs[split].append(example)
+                    source_stats = per_source[example.source]
+                    source_stats["rows"] += 1
+                    source_stats["tokens"] += len(example.input_ids)
+                    source_stats["trained"] += example.num_trained
+                    kept += 1
+                for split, split_examples in outputs.items():
+                    writers[split].write_rows(_columns(split_examples))
+            for writer in writers.values():
+                writer.close()
+        problems.sink = None
+
+        splits = {name: {"rows": w.rows, "files": w.files} for name, w in writers.items()}
+        packing = None
+        if pack:
+            from sftdata.pack import pack_split
+
+            all_text = all(s.format == "text" for s in stats if s.rows)
+            packing = {}
+            for name, writer in writers.items():
+                packing[name] = pack_split([str(split_dir / f) for f in writer.files], str(tmp), name, max_length,
+                                           seed=seed, raw_text=all_text)
+                splits[name] = {"rows": packing[name]["rows"], "files": packing[name]["files"], "examples": writer.rows}
+            shutil.rmtree(split_dir)
+
+        if report is not None:
+            shutil.copyfile(tmp / "removed.jsonl", report)
+        total_tokens = sum(s["tokens"] for s in per_source.values())
+        trained_tokens = sum(s["trained"] for s in per_source.values())
+        manifest = {
+            "format": FORMAT,
+            "sftdata_version": __version__,
+            "labels": LABELS_NOTE,
+            "fingerprint": key,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "inputs": [{"path": s.path, "sha256": input_hashes[s.path], "format": s.format, "rows": s.rows} for s in stats],
+            "template": {"name": tpl.name, "origin": tpl.origin, "text": tpl.source, "sha256": tpl.sha256,
+                         "end_of_turn": tpl.end_of_turn},
+            "tokenizer": tok_identity,
+            "options": options,
+            "counts": {
+                "rows_read": sum(s.rows for s in stats),
+                "rows_kept": kept,
+                "skipped": dict(sorted(problems.counts.items())),
+                "skipped_total": problems.total,
+                "removed": dict(sorted(removed.items())),
+                "truncated": truncated,
+            },
+            "tokens": {"total": total_tokens, "trained": trained_tokens,
+                       "per_source": {k: dict(v) for k, v in per_source.items()}},
+            "splits": splits,
+            "packing": packing,
+            "cleaning": {name: stage.summary() for name, stage in cleaners.items()},
+            "problems": problems.to_dict()["examples"],
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        write_manifest(tmp, manifest)
+        commit_dir(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return BuildResult(output, manifest)
+
+
+def _too_long(problems: ProblemLog, example: Encoded, max_length: int, why: str) -> None:
+    from sftdata.record import Problem
+
+    problems.add(Problem(example.source, example.row, "truncate", "too-long",
+                         f"{len(example.input_ids)} tokens > --max-length {max_length}: {why}"))
+
+
+def _make_cleaners(dedup: bool, dedup_options: dict[str, Any] | None, decontaminate, decontaminate_options) -> dict[str, Any]:
+    cleaners: dict[str, Any] = {}
+    if decontaminate:
+        from sftdata.clean import Decontaminator
+
+        cleaners["decontaminate"] = Decontaminator(list(decontaminate), **(decontaminate_options or {}))
+    if dedup:
+        from sftdata.clean import Deduplicator
+
+        cleaners["dedup"] = Deduplicator(**(dedup_options or {}))
+    return cleaners
+
+
+def _dir_hash(path: Path) -> str:
+    """Hash of a dataset directory's files (names and contents), or of the hub id itself."""
+    if not path.is_dir():
+        return "hub:" + str(path)
+    h = xxhash.xxh128()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(file.relative_to(path)).encode())
+        h.update(file_sha256(file).encode())
+    return h.hexdigest()

@@ -1,0 +1,173 @@
+"""Command line: a thin click layer over the Python API of the same names."""
+
+from __future__ import annotations
+
+import sys
+from functools import wraps
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from sftdata import __version__
+from sftdata.record import DataError
+
+console = Console(stderr=True, highlight=False)
+
+
+def reports_errors(func):
+    """Turn DataError (bad file, bad row with --on-error fail, bad option) into a one-line message and exit 1."""
+
+    @wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except DataError as e:
+            console.print(f"[bold red]error:[/] {e}")
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="sftdata")
+def main() -> None:
+    """Prepare supervised fine-tuning data with exact assistant-only label masks.
+
+    \b
+    sftdata build data.jsonl --template chatml      # tokenize with exact -100 masks
+    sftdata show sftdata-out --row 0                # see every token and whether it is trained
+    """
+
+
+@main.command("build")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--template", "-t", default="chatml", show_default=True,
+              help="Built-in template (chatml, llama2, alpaca, ...; see `sftdata templates`), a .jinja file, "
+                   "or 'tokenizer' for the tokenizer's own chat_template.")
+@click.option("--tokenizer", default=None,
+              help="Local tokenizer directory or hub id. Default: the bundled qwen3 tokenizer "
+                   "(mistral-7b-v0.1 for --template llama2/alpaca).")
+@click.option("--output", "-o", default="sftdata-out", show_default=True, help="Output directory (replaced atomically).")
+@click.option("--format", "fmt", type=click.Choice(["alpaca", "messages", "sharegpt", "prompt-completion", "text"]),
+              default=None, help="Force the row format instead of detecting it per file.")
+@click.option("--columns", default=None, metavar="MAP",
+              help="Map canonical fields to this corpus's fields, e.g. 'instruction=question,output=answer' (GSM8K).")
+@click.option("--strip/--no-strip", default=False, show_default=True,
+              help="Trim whitespace around message content (default: keep it exactly as written).")
+@click.option("--max-length", type=click.IntRange(min=1), default=None, help="Truncate (or pack) to N tokens.")
+@click.option("--truncation", type=click.Choice(["right", "drop"]), default="right", show_default=True,
+              help="Over-long examples: cut from the right (rows left with no trained token are skipped) or drop.")
+@click.option("--train-turns", type=click.Choice(["all", "last"]), default="all", show_default=True,
+              help="Which assistant turns are trained.")
+@click.option("--train-on-prompt", is_flag=True, help="Train on every token, prompt included.")
+@click.option("--special-text", type=click.Choice(["reject", "escape"]), default="reject", show_default=True,
+              help="Message content containing a special-token string such as <|im_end|>: skip the row, or "
+                   "escape it (U+200B after its first character) so it stays text.")
+@click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
+              help="Bad rows: skip them (counted in the manifest, listed in problems.jsonl) or stop.")
+@click.option("--pack", is_flag=True, help="Pack examples into rows of --max-length tokens (best-fit decreasing).")
+@click.option("--eval-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Fraction of rows written to a 'validation' split.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split and packing order.")
+@click.option("--dedup", is_flag=True, help="Remove exact and near duplicates (MinHash LSH) before tokenizing.")
+@click.option("--decontaminate", "decontaminate", multiple=True, metavar="EVAL",
+              help="Remove rows that overlap this eval set file (repeatable).")
+@click.option("--report", type=click.Path(dir_okay=False), default=None,
+              help="Write the rows removed by --dedup/--decontaminate (with what they matched) to this JSONL file.")
+@click.option("--force", is_flag=True, help="Rebuild even when the output is up to date.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@reports_errors
+def build_command(inputs, template, tokenizer, output, fmt, columns, strip, max_length, truncation, train_turns,
+                  train_on_prompt, special_text, on_error, pack, eval_fraction, seed, dedup, decontaminate, report,
+                  force, quiet):
+    """Render and tokenize INPUTS into training-ready Parquet with exact -100 label masks.
+
+    INPUTS are .jsonl/.json/.csv/.parquet/.txt files (optionally .gz), saved Hugging Face dataset directories or
+    hub dataset ids, in Alpaca, OpenAI messages, ShareGPT, prompt/completion or raw-text format.
+    """
+    from sftdata.build import build
+    from sftdata.tokenizer import default_tokenizer_for
+
+    if not quiet:
+        used = tokenizer or f"{default_tokenizer_for(template)} (bundled default for --template {template}; set --tokenizer)"
+        console.print(f"tokenizer: {used}")
+    result = build(list(inputs), template=template, tokenizer=tokenizer, output=output, format=fmt, columns=columns,
+                   strip=strip, max_length=max_length, truncation=truncation, train_turns=train_turns,
+                   train_on_prompt=train_on_prompt, special_text=special_text, on_error=on_error, pack=pack,
+                   eval_fraction=eval_fraction, seed=seed, dedup=dedup, decontaminate=list(decontaminate),
+                   report=report, force=force, progress=not quiet, console=console)
+    manifest = result.manifest
+    if result.up_to_date:
+        console.print(f"{result.output} is up to date (same inputs, template, tokenizer and options); --force rebuilds")
+    elif not quiet:
+        print_summary(manifest, str(result.output))
+    if manifest["counts"]["rows_kept"] == 0:
+        console.print("[bold red]error:[/] no example was kept; see the reasons above and problems.jsonl")
+        sys.exit(1)
+
+
+def print_summary(manifest: dict, output: str) -> None:
+    counts, tokens = manifest["counts"], manifest["tokens"]
+    table = Table(title=f"sftdata build → {output}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("template", f"{manifest['template']['name']} (end of turn {manifest['template']['end_of_turn']!r})")
+    table.add_row("tokenizer", str(manifest["tokenizer"]["name_or_path"]))
+    table.add_row("rows read", f"{counts['rows_read']:,}")
+    table.add_row("examples kept", f"{counts['rows_kept']:,}")
+    for kind, n in counts["skipped"].items():
+        table.add_row(f"  skipped: {kind}", f"[red]{n:,}[/]")
+    for reason, n in counts["removed"].items():
+        table.add_row(f"  removed: {reason}", f"[yellow]{n:,}[/]")
+    table.add_row("truncated", f"{counts['truncated']:,}")
+    share = tokens["trained"] / tokens["total"] if tokens["total"] else 0
+    table.add_row("tokens", f"{tokens['total']:,}")
+    table.add_row("trained tokens", f"{tokens['trained']:,} ({share:.1%})")
+    for split, info in manifest["splits"].items():
+        table.add_row(f"split {split}", f"{info['rows']:,} rows")
+    if manifest.get("packing"):
+        for split, info in manifest["packing"].items():
+            table.add_row(f"packing fill ({split})", f"{info.get('fill_ratio', 0):.4f}")
+    seconds = manifest.get("seconds") or 0
+    table.add_row("time", f"{seconds:.1f} s ({tokens['total'] / seconds:,.0f} tokens/s)" if seconds else "-")
+    console.print(table)
+    shown = 0
+    for kind, examples in manifest.get("problems", {}).items():
+        for p in examples[:3]:
+            if shown < 8:
+                console.print(f"  [red]{p['source']}:{p['row']}[/] [{kind}] {p['detail']}")
+                shown += 1
+    if counts["skipped_total"]:
+        console.print(f"  every skipped row: {output}/problems.jsonl")
+
+
+@main.command("show")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--row", "-r", type=click.IntRange(min=0), default=0, show_default=True, help="First row to show.")
+@click.option("--count", "-n", type=click.IntRange(min=1), default=1, show_default=True, help="How many rows.")
+@click.option("--split", default="train", show_default=True)
+@click.option("--ids", is_flag=True, help="Show a table of token index, id, text and label instead of the stream.")
+@click.option("--color/--no-color", default=None, help="Force colour on or off (default: when the terminal has it).")
+@reports_errors
+def show_command(directory, row, count, split, ids, color):
+    """Show built rows token by token: ⟦trained⟧ tokens in green, masked (-100) tokens in red."""
+    from sftdata.show import show
+
+    out = Console(highlight=False, no_color=(color is False), force_terminal=True if color else None)
+    show(directory, row=row, count=count, split=split, ids=ids, color=color, console=out)
+
+
+@main.command("templates")
+def templates_command():
+    """List the built-in chat templates."""
+    from sftdata.templates import builtin_template_dir, template_description
+
+    table = Table("name", "description")
+    for path in sorted(builtin_template_dir().glob("*.jinja")):
+        table.add_row(path.stem, template_description(path.read_text(encoding="utf-8")))
+    Console().print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
