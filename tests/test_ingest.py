@@ -1,0 +1,203 @@
+"""Ingest: every reader and format, field mapping, and bad input reported with file, row and reason."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sftdata.ingest import detect_format, parse_columns, read_records
+from sftdata.record import DataError, Message, ProblemLog
+
+from conftest import shared_path
+
+ALPACA = [{"instruction": "Add", "input": "2 3", "output": "5"}, {"instruction": "Hi", "input": "", "output": "Hello"}]
+
+
+def read_all(paths, **kwargs):
+    problems = kwargs.pop("problems", None) or ProblemLog()
+    records = [r for batch in read_records(paths, problems=problems, **kwargs) for r in batch]
+    return records, problems
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "jsonl.gz", "json", "json-object", "csv", "csv.gz", "parquet", "hf-dir"])
+def test_every_reader_gives_the_same_records(tmp_path, kind):
+    if kind == "jsonl":
+        path = write_jsonl(tmp_path / "a.jsonl", ALPACA)
+    elif kind == "jsonl.gz":
+        path = tmp_path / "a.jsonl.gz"
+        path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in ALPACA).encode()))
+    elif kind == "json":
+        path = tmp_path / "a.json"
+        path.write_text(json.dumps(ALPACA))
+    elif kind == "json-object":
+        path = tmp_path / "a.json"
+        path.write_text(json.dumps({"data": ALPACA}))
+    elif kind.startswith("csv"):
+        text = "instruction,input,output\nAdd,2 3,5\nHi,,Hello\n"
+        path = tmp_path / f"a.{kind}"
+        path.write_bytes(gzip.compress(text.encode()) if kind.endswith(".gz") else text.encode())
+    elif kind == "parquet":
+        path = tmp_path / "a.parquet"
+        pq.write_table(pa.Table.from_pylist(ALPACA), path)
+    else:
+        import datasets
+
+        path = tmp_path / "ds"
+        datasets.Dataset.from_list(ALPACA).save_to_disk(str(path))
+    records, problems = read_all([str(path)])
+    assert problems.total == 0
+    assert [r.messages for r in records] == [
+        [Message("user", "Add\n\n2 3"), Message("assistant", "5")],
+        [Message("user", "Hi"), Message("assistant", "Hello")],
+    ]
+    assert [r.extra["alpaca_input"] for r in records] == ["2 3", ""]
+
+
+def test_formats_are_detected():
+    assert detect_format({"messages": []}) == "messages"
+    assert detect_format({"conversations": []}) == "sharegpt"
+    assert detect_format({"instruction": "", "response": ""}) == "alpaca"
+    assert detect_format({"prompt": "", "completion": ""}) == "prompt-completion"
+    assert detect_format({"text": ""}) == "text"
+    assert detect_format({"question": "", "answer": ""}) is None
+    assert detect_format({"question": "", "answer": ""}, {"instruction": "question", "output": "answer"}) == "alpaca"
+
+
+def test_messages_sharegpt_prompt_completion_and_text(tmp_path):
+    path = write_jsonl(tmp_path / "mixed.jsonl", [
+        {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}], "id": 7},
+    ])
+    (record,), _ = read_all([str(path)])
+    assert record.messages == [Message("system", "S"), Message("user", "U"), Message("assistant", "A")]
+    assert record.extra == {"id": 7} and (record.source, record.row) == (str(path), 1)
+
+    path = write_jsonl(tmp_path / "sg.jsonl", [{"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "U"},
+                                                                   {"from": "gpt", "value": "A"}]}])
+    (record,), _ = read_all([str(path)])
+    assert record.messages == [Message("system", "S"), Message("user", "U"), Message("assistant", "A")]
+
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "P", "completion": "C"}])
+    (record,), _ = read_all([str(path)])
+    assert record.messages == [Message("user", "P"), Message("assistant", "C")]
+
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "raw  text\n"}])
+    (record,), _ = read_all([str(path)])
+    assert record.text == "raw  text\n" and record.messages is None
+
+    txt = tmp_path / "doc.txt"
+    txt.write_text("a whole document\n\nwith paragraphs")
+    (record,), _ = read_all([str(txt)])
+    assert record.text == "a whole document\n\nwith paragraphs"
+
+
+def test_whitespace_is_kept_unless_strip(tmp_path):
+    path = write_jsonl(tmp_path / "w.jsonl", [{"instruction": "  Hi \n", "output": " Hello  "}])
+    (record,), _ = read_all([str(path)])
+    assert record.messages == [Message("user", "  Hi \n"), Message("assistant", " Hello  ")]
+    (record,), _ = read_all([str(path)], strip=True)
+    assert record.messages == [Message("user", "Hi"), Message("assistant", "Hello")]
+
+
+def test_gsm8k_field_mapping():
+    path = shared_path("data", "gsm8k_train.jsonl")
+    batch = next(read_records([str(path)], columns="instruction=question,output=answer", batch_size=2))
+    assert batch[0].messages[0].content.startswith("Natalia sold clips to 48 of her friends")
+    assert batch[0].messages[1].content.endswith("#### 72")
+    with pytest.raises(DataError, match="cannot tell the format"):
+        next(read_records([str(path)]))
+
+
+def test_column_mapping_errors():
+    assert parse_columns("instruction=question, output=answer") == {"instruction": "question", "output": "answer"}
+    with pytest.raises(DataError, match="expected CANONICAL=FIELD"):
+        parse_columns("question")
+    with pytest.raises(DataError, match="is not one of"):
+        parse_columns("question=instruction")
+
+
+def test_bad_rows_are_reported_with_line_and_reason_and_the_rest_is_read(tmp_path):
+    lines = [
+        json.dumps({"instruction": "ok 1", "output": "fine"}),
+        '{"instruction": "broken", "output": ',                           # 2 malformed JSON
+        json.dumps({"instruction": "no output"}),                          # 3 missing field
+        json.dumps({"instruction": 5, "output": "x"}),                     # 4 wrong type
+        json.dumps({"messages": [{"role": "wizard", "content": "x"}]}),   # 5 unknown role (format is alpaca by detection)
+        "",                                                                # 6 blank line: ignored
+        json.dumps({"instruction": "ok 2", "output": "fine"}),
+    ]
+    path = tmp_path / "bad.jsonl"
+    data = ("\n".join(lines) + "\n").encode()
+    data += b'{"instruction": "bad \xff utf8", "output": "x"}\n'             # 8 bad UTF-8
+    data += json.dumps({"instruction": "ok 3", "output": ""}).encode() + b"\n"  # 9 empty assistant
+    path.write_bytes(data)
+    records, problems = read_all([str(path)])
+    assert [r.row for r in records] == [1, 7]
+    found = {(p.row, p.kind) for kind in problems.examples.values() for p in kind}
+    assert found == {(2, "malformed-json"), (3, "missing-field"), (4, "wrong-type"), (5, "missing-field"),
+                     (8, "bad-utf8"), (9, "empty-assistant")}
+    detail = {p.row: p.detail for kind in problems.examples.values() for p in kind}
+    assert detail[3] == "missing field 'output'"
+    assert detail[4] == "field 'instruction' must be a string, got int"
+
+
+def test_conversation_problems(tmp_path):
+    rows = [
+        {"messages": [{"role": "user", "content": "a"}, {"role": "wizard", "content": "b"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}]},
+        {"messages": [{"role": "user", "content": "a"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, {"role": "assistant", "content": "c"}]},
+        {"messages": "not a list"},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+    ]
+    records, problems = read_all([str(write_jsonl(tmp_path / "c.jsonl", rows))])
+    assert [r.row for r in records] == [7]
+    found = sorted((p.row, p.kind) for kind in problems.examples.values() for p in kind)
+    assert found == [(1, "unknown-role"), (2, "consecutive-role"), (3, "empty-assistant"), (4, "no-assistant"),
+                     (5, "misplaced-system"), (6, "wrong-type")]
+
+
+def test_on_error_fail_stops_at_the_first_bad_row(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "a"}])
+    with pytest.raises(DataError, match=r"x.jsonl:2: \[ingest/missing-field\] missing field 'output'"):
+        read_all([str(path)], problems=ProblemLog(on_error="fail"))
+
+
+def test_bad_files_are_clear_errors(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    records, problems = read_all([str(empty)])
+    assert records == [] and dict(problems.counts) == {"empty-file": 1}
+    with pytest.raises(DataError, match="no such file"):
+        read_all([str(tmp_path / "missing.jsonl")])
+    with pytest.raises(DataError, match="unsupported file type"):
+        (tmp_path / "a.xml").write_text("<x/>")
+        read_all([str(tmp_path / "a.xml")])
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b'[{"instruction": "\xff"}]')
+    with pytest.raises(DataError, match="not valid UTF-8"):
+        read_all([str(bad)])
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"instruction": "a", ')
+    with pytest.raises(DataError, match="malformed JSON at line 1"):
+        read_all([str(broken)])
+    corrupt = tmp_path / "c.parquet"
+    corrupt.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        read_all([str(corrupt)])
+
+
+def test_several_inputs_keep_their_sources(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", ALPACA)
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": "doc"}])
+    records, _ = read_all([str(a), str(b)])
+    assert [(r.source, r.row) for r in records] == [(str(a), 1), (str(a), 2), (str(b), 1)]
