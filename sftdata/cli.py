@@ -168,6 +168,8 @@ def templates_command():
         table.add_row(path.stem, template_description(path.read_text(encoding="utf-8")))
     Console().print(table)
 
+from sftdata.cli_train import train_command, merge_command, memory_command; main.add_command(train_command); main.add_command(merge_command); main.add_command(memory_command)  # noqa: E402,E702
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()
