@@ -47,7 +47,7 @@ def assign_split(key: str, row: int, eval_fraction: float, seed: int) -> str:
     """Deterministic train/validation assignment from the input file's hash, the row and the seed."""
     if eval_fraction <= 0:
         return "train"
-    h = xxhash.xxh64_intdigest(f"{seed}:{key}:{row}")
+    h = xxhash.xxh64_intdigest(f"{seed}:{key}:{row}".encode())
     return "validation" if h < eval_fraction * 2**64 else "train"
 
 
