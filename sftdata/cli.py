@@ -7,6 +7,7 @@ from functools import wraps
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sftdata import __version__
@@ -23,7 +24,7 @@ def reports_errors(func):
         try:
             return func(*args, **kwargs)
         except DataError as e:
-            console.print(f"[bold red]error:[/] {e}")
+            console.print(f"[bold red]error:[/] {escape(str(e))}")
             sys.exit(1)
 
     return wrapper
@@ -99,7 +100,7 @@ def build_command(inputs, template, tokenizer, output, fmt, columns, strip, max_
                    report=report, force=force, progress=not quiet, console=console)
     manifest = result.manifest
     if result.up_to_date:
-        console.print(f"{result.output} is up to date (same inputs, template, tokenizer and options); --force rebuilds")
+        console.print(f"{escape(str(result.output))} is up to date (same inputs, template, tokenizer and options); --force rebuilds")
     elif not quiet:
         print_summary(manifest, str(result.output))
     if manifest["counts"]["rows_kept"] == 0:
@@ -136,7 +137,7 @@ def print_summary(manifest: dict, output: str) -> None:
     for kind, examples in manifest.get("problems", {}).items():
         for p in examples[:3]:
             if shown < 8:
-                console.print(f"  [red]{p['source']}:{p['row']}[/] [{kind}] {p['detail']}")
+                console.print(f"  [red]{escape(p['source'])}:{p['row']}[/] {escape(f'[{kind}]')} {escape(p['detail'])}")
                 shown += 1
     if counts["skipped_total"]:
         console.print(f"  every skipped row: {output}/problems.jsonl")
