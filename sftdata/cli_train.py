@@ -87,8 +87,8 @@ def train_command(data_dir, model, output, tokenizer, resume, quiet, **options):
     from rich.table import Table
 
     table = Table(title="sftdata train — summary", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
     for key, value in main_summary(result):
         table.add_row(key, value)
     console.print(table)
@@ -152,7 +152,7 @@ def memory_command(params, model_config, lora_r, target_modules, optim, no_doubl
     table = Table(title=f"fine-tuning memory, GB (1e9 bytes): weights + gradients + optimizer; LoRA r={lora_r} "
                         f"{target_modules}; {optim}; NF4 {nf4_bits_per_param(not no_double_quant):.3f} bits/param")
     for col in ("model", "params", "full FT", "LoRA", "QLoRA", "LoRA trainable", "QLoRA weights"):
-        table.add_column(col, justify="left" if col == "model" else "right")
+        table.add_column(col, justify="left" if col == "model" else "right", no_wrap=col == "model")
     for name, (full, lora, qlora) in rows:
         table.add_row(name, f"{full.params / 1e9:,.2f}B", gb(full.total_bytes), gb(lora.total_bytes),
                       gb(qlora.total_bytes), f"{lora.trainable_params / 1e6:,.1f}M "

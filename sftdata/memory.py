@@ -217,7 +217,7 @@ def parse_params(text: str) -> int:
 def default_table(lora_r: int = 16, target_modules: Iterable[str] | str = "all-linear", optim: str = "adamw",
                   double_quant: bool = True) -> list[tuple[str, list[Estimate]]]:
     """Estimates for the 1B/7B/13B/70B reference configurations."""
-    return [(f"{size} ({cfg['name']})", memory(config=cfg, lora_r=lora_r, target_modules=target_modules,
+    return [(str(cfg["name"]), memory(config=cfg, lora_r=lora_r, target_modules=target_modules,
                                                 optim=optim, double_quant=double_quant))
             for size, cfg in PRESETS.items()]
 

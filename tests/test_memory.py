@@ -88,8 +88,8 @@ def test_parameter_count_only_is_approximate_but_sane():
 def test_cli_default_table_and_json():
     result = CliRunner().invoke(memory_command, [], terminal_width=200)
     assert result.exit_code == 0, result.output
-    for size in ("1B", "7B", "13B", "70B"):
-        assert size in result.output
+    for name in ("Llama-3.2-1B", "Llama-2-7B", "Llama-2-13B", "Llama-2-70B"):
+        assert name in result.output
     assert "107.8" in result.output  # Llama-2-7B full fine-tuning, GB
     result = CliRunner().invoke(memory_command, ["7B", "--json"])
     data = json.loads(result.output)

@@ -384,3 +384,16 @@ def test_cli_train_and_memory_commands(tmp_path, packed_dir, model_dir):
                                                 "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1", "-q"])
     assert result.exit_code == 0, result.output
     assert "summary" in result.output and (out / "adapter_model.safetensors").is_file()
+
+
+def test_gpu_bench_script_plans_on_cpu(capsys):
+    import importlib.util
+
+    path = __import__("pathlib").Path(__file__).resolve().parents[1] / "bench" / "bench_qlora_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_qlora_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--check", "--seq-len", "256", "--steps", "2", "--rows", "1"])
+    out = capsys.readouterr().out
+    info = json.loads(out[: out.index("check only")])
+    assert info["preset"] == "Llama-3.2-1B" and 0.9 < info["pack_fill"] <= 1.0
