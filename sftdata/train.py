@@ -451,18 +451,20 @@ def load_model_tokenizer(model_path: str, tokenizer_path: str | None, manifest: 
         except (OSError, ValueError, TypeError):
             if tokenizer_path:
                 raise TrainError(f"cannot load tokenizer {tokenizer_path!r}") from None
-    name = ((manifest.get("tokenizer") or {}).get("name_or_path") or "").removesuffix(" (bundled)")
+    info = manifest.get("tokenizer") or {}
+    name = info.get("load") or (info.get("name_or_path") or "").removesuffix(" (bundled)")
     if not name:
         raise TrainError(f"{model_path} has no tokenizer and the manifest names none; pass --tokenizer")
     try:
         from sftdata.tokenizer import load_tokenizer
 
-        return load_tokenizer(name), name
+        tok = load_tokenizer(name)
     except Exception:
         try:
-            return AutoTokenizer.from_pretrained(name), name
+            tok = AutoTokenizer.from_pretrained(name)
         except OSError:
             raise TrainError(f"{model_path} has no tokenizer and {name!r} cannot be loaded; pass --tokenizer") from None
+    return tok, tok.name_or_path  # the directory it was loaded from (bundled ones are unpacked to a cache dir)
 
 
 def apply_build_template(tokenizer: Any, manifest: dict[str, Any]) -> str | None:

@@ -397,3 +397,23 @@ def test_gpu_bench_script_plans_on_cpu(capsys):
     out = capsys.readouterr().out
     info = json.loads(out[: out.index("check only")])
     assert info["preset"] == "Llama-3.2-1B" and 0.9 < info["pack_fill"] <= 1.0
+
+
+def test_trains_on_real_sftdata_build_output(tmp_path):
+    """Hand-off: a packed `sftdata build` of the shipped example data trains as is; a model directory without
+    tokenizer files falls back to the tokenizer the manifest names (here the bundled Mistral-7B one)."""
+    from transformers import AutoTokenizer
+
+    from sftdata.build import build
+
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    data = tmp_path / "data"
+    build([str(repo / "examples" / "data" / "chat.jsonl")], template="llama2", output=data, max_length=256,
+          pack=True, eval_fraction=0.1)
+    manifest = json.loads((data / "manifest.json").read_text())
+    model = tf.tiny_model_dir(tmp_path / "model", vocab_size=manifest["tokenizer"]["vocab_size"])
+    res = train(data, model, tmp_path / "out", max_steps=2, **FAST)
+    assert res.global_step == 2 and math.isfinite(res.eval_loss)
+    assert any("has no tokenizer" in n for n in res.notes)
+    saved = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert saved.chat_template == manifest["template"]["text"]
