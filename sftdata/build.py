@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections import Counter, defaultdict
@@ -33,6 +34,7 @@ from sftdata.write import (
 )
 
 DEFAULT_OUTPUT = "sftdata-out"
+AUTO_WORKERS_BYTES = 16 * 2**20  # below this, starting worker processes costs more than it saves
 TRUNCATION = ("right", "drop")
 
 
@@ -124,6 +126,7 @@ def build(
     decontaminate_options: dict[str, Any] | None = None,
     report: str | Path | None = None,
     batch_size: int = 1000,
+    workers: int = 0,
     force: bool = False,
     progress: bool = False,
     console: Any = None,
@@ -133,7 +136,7 @@ def build(
     Every row either becomes an example whose labels satisfy the guide's invariants I1–I5 or is counted in the
     manifest with its reason (``--on-error skip``), or stops the build (``on_error="fail"``). When ``output``
     already holds a build with the same fingerprint (input bytes, template, tokenizer, options) nothing is redone
-    unless ``force``.
+    unless ``force``. ``workers``: encoder processes (0 = one per core for inputs over 16 MiB, else in-process).
     """
     started = time.perf_counter()
     inputs = [inputs] if isinstance(inputs, (str, Path)) else [str(p) for p in inputs]
@@ -200,15 +203,20 @@ def build(
                     bar.rows(len(batch))
                 deduplicator.finalize()
                 bar.phase("build", total_bytes)
-            for batch in read_records(inputs, format=format, columns=column_map, strip=strip, problems=problems,
-                                      batch_size=batch_size, on_progress=bar.advance, stats=stats):
-                bar.rows(len(batch))
-                for stage in cleaners.values():
-                    batch, removals = stage.filter_batch(batch)
-                    for removal in removals:
-                        removed[removal.reason] += 1
-                        removed_file.write(json.dumps(removal.to_dict(), ensure_ascii=False) + "\n")
-                examples, batch_problems = encoder.encode_batch(batch)
+            def cleaned_batches():
+                for batch in read_records(inputs, format=format, columns=column_map, strip=strip, problems=problems,
+                                          batch_size=batch_size, on_progress=bar.advance, stats=stats):
+                    bar.rows(len(batch))
+                    for stage in cleaners.values():
+                        batch, removals = stage.filter_batch(batch)
+                        for removal in removals:
+                            removed[removal.reason] += 1
+                            removed_file.write(json.dumps(removal.to_dict(), ensure_ascii=False) + "\n")
+                    yield batch
+
+            n_workers = workers if workers > 0 else (os.cpu_count() or 1) if total_bytes > AUTO_WORKERS_BYTES else 1
+            for examples, batch_problems in encode_batches(cleaned_batches(), encoder, workers=n_workers,
+                                                           template=template, tokenizer=tokenizer):
                 problems.extend(batch_problems)
                 outputs: dict[str, list[Encoded]] = defaultdict(list)
                 for example in examples:
@@ -285,6 +293,45 @@ def build(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return BuildResult(output, manifest)
+
+
+_worker_encoder: Encoder | None = None
+
+
+def _init_worker(template: str, tokenizer: str | None, options: EncodeOptions) -> None:
+    global _worker_encoder
+    tok = load_tokenizer(tokenizer, template=template)
+    _worker_encoder = Encoder(load_template(template, tok), tok, options)
+
+
+def _encode_in_worker(batch: list[Record]):
+    return _worker_encoder.encode_batch(batch)
+
+
+def encode_batches(batches, encoder: Encoder, *, workers: int, template: str, tokenizer: str | None):
+    """Yield ``(examples, problems)`` per batch, in input order, in-process or in a pool of ``workers`` processes.
+
+    Rendering is Python (Jinja) and holds the GIL, so parallelism needs processes; each worker builds its own
+    encoder from the same template and tokenizer specs.
+    """
+    if workers <= 1:
+        for batch in batches:
+            yield encoder.encode_batch(batch)
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(template, tokenizer, encoder.options)) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.submit(_encode_in_worker, batch))
+            if len(pending) > 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _too_long(problems: ProblemLog, example: Encoded, max_length: int, why: str) -> None:

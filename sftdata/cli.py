@@ -76,12 +76,14 @@ def main() -> None:
               help="Remove rows that overlap this eval set file (repeatable).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
               help="Write the rows removed by --dedup/--decontaminate (with what they matched) to this JSONL file.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Encoder processes; 0 = one per core for inputs over 16 MiB, in-process otherwise.")
 @click.option("--force", is_flag=True, help="Rebuild even when the output is up to date.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @reports_errors
 def build_command(inputs, template, tokenizer, output, fmt, columns, strip, max_length, truncation, train_turns,
                   train_on_prompt, special_text, on_error, pack, eval_fraction, seed, dedup, decontaminate, report,
-                  force, quiet):
+                  workers, force, quiet):
     """Render and tokenize INPUTS into training-ready Parquet with exact -100 label masks.
 
     INPUTS are .jsonl/.json/.csv/.parquet/.txt files (optionally .gz), saved Hugging Face dataset directories or
@@ -97,7 +99,7 @@ def build_command(inputs, template, tokenizer, output, fmt, columns, strip, max_
                    strip=strip, max_length=max_length, truncation=truncation, train_turns=train_turns,
                    train_on_prompt=train_on_prompt, special_text=special_text, on_error=on_error, pack=pack,
                    eval_fraction=eval_fraction, seed=seed, dedup=dedup, decontaminate=list(decontaminate),
-                   report=report, force=force, progress=not quiet, console=console)
+                   report=report, workers=workers, force=force, progress=not quiet, console=console)
     manifest = result.manifest
     if result.up_to_date:
         console.print(f"{escape(str(result.output))} is up to date (same inputs, template, tokenizer and options); --force rebuilds")

@@ -142,7 +142,7 @@ class Encoder:
         for k in turns:
             try:
                 prompt = render(messages[:k], add_generation_prompt=True)
-                through = render(messages[: k + 1])
+                through = full if k + 1 == len(messages) else render(messages[: k + 1])
             except Exception as e:
                 return Problem(*where, "template-error", f"template cannot render the conversation up to message {k}: {e}")
             if not full.startswith(prompt):

@@ -195,3 +195,10 @@ def test_invariants_on_real_corpora(load_tok, template_name, tokenizer):
             check_invariants(by_key[(example.source, example.row)], example, template, tok)
             checked += 1
     assert checked == SAMPLE * len(CORPORA)
+
+
+def test_worker_processes_give_identical_output(tmp_path):
+    inputs = [str(EXAMPLES / "alpaca.jsonl"), str(EXAMPLES / "chat.jsonl")]
+    build(inputs, output=tmp_path / "one", workers=1, batch_size=32)
+    build(inputs, output=tmp_path / "two", workers=2, batch_size=32)
+    assert rows_of(tmp_path / "one") == rows_of(tmp_path / "two")
