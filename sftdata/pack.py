@@ -399,12 +399,12 @@ def pack_split(src_parquet_files: list[str], dst_dir: str, split: str, max_lengt
 
 
 def unpack_row(row: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Split one packed row back into its examples (``input_ids``, ``labels`` and, when present, ``source``/``row``),
+    """Split one packed row back into its examples (``input_ids`` and ``labels``),
     using ``seq_lengths``. This is what feeds ``transformers.DataCollatorWithFlattening`` (see :func:`flattening_collator`).
     """
     out = []
     start = 0
-    for i, n in enumerate(row["seq_lengths"]):
+    for n in row["seq_lengths"]:
         example = {"input_ids": row["input_ids"][start:start + n], "labels": row["labels"][start:start + n]}
         out.append(example)
         start += n
