@@ -1,0 +1,686 @@
+"""Template fidelity: check a template/tokenizer pair on a built-in suite of conversations before building with it.
+
+``verify(tokenizer, template)`` renders :data:`SUITE` (single and multi-turn, with and without a system prompt,
+empty / whitespace / unicode content, content containing template markers) and runs these checks, each reported as
+pass, fail (with a precise diff) or skip:
+
+``fidelity``        ``T`` renders byte-identically to the tokenizer's own ``chat_template`` (as
+                    ``tokenizer.apply_chat_template`` renders it), full conversations and every serving prompt.
+``serving-prefix``  I2 for every trained assistant turn: ``P_k`` is a text prefix of the rendered example and
+                    ``tok(P_k)`` a token prefix of its ``input_ids`` — for ``T`` and (informational) for the
+                    tokenizer's own template.
+``history``         whether ``T`` renders earlier assistant turns as they render as the final turn, and the history
+                    policy applied when it does not (:mod:`sftdata.policy`).
+``exact-masks``     I3/I4 through :class:`sftdata.render.Encoder`: labels equal ``input_ids`` exactly on the trained
+                    spans and ``-100`` elsewhere, one span per trained turn, and each span decodes to the text the
+                    template generates for the turn (content, modulo the template's whitespace rule, plus end marker).
+``round-trip``      the rendered text parses back into the original messages (:func:`parse_rendered`).
+``special-tokens``  BOS/EOS/end-of-turn markers exist in the vocabulary and are single tokens, the end-of-turn token
+                    is trained, no double BOS.
+
+Ordinary conversations ("core" cases) must pass. Edge cases (leading newlines, whitespace-only content ...) may be
+refused by the encoder — what counts is that a refused row is reported with its reason and never trained silently,
+so a refusal there is a note, not a failure.
+
+``serving-prefix``, ``history``, ``exact-masks`` and ``special-tokens`` are invariant checks: ``build`` refuses a
+pair that fails one of them unless told otherwise. ``fidelity`` and ``round-trip`` are fidelity checks: a template
+that differs from the tokenizer's own (plain ChatML on a Qwen3 tokenizer, a legitimate choice for a base model) is
+reported, warned about and recorded, not refused.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any
+
+from sftdata.policy import HistoryDecision, expand_for_history_policy, plan_history_policy
+from sftdata.record import Message, Record
+from sftdata.render import ESCAPE_CHAR, IGNORE_INDEX, EncodeOptions, Encoder
+from sftdata.templates import ChatTemplate, load_template
+from sftdata.tokenizer import special_token_strings
+
+PASS, FAIL, SKIP = "pass", "fail", "skip"
+INVARIANT_CHECKS = ("serving-prefix", "history", "exact-masks", "special-tokens")
+
+
+# -- the suite ------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Case:
+    """One suite conversation. ``core`` cases are ordinary data that must encode; edge cases may be refused."""
+
+    name: str
+    messages: tuple[tuple[str, str], ...]
+    core: bool = True
+
+    def dicts(self) -> list[dict[str, str]]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+
+SUITE: tuple[Case, ...] = (
+    Case("single-turn", (("user", "What is the capital of France?"), ("assistant", "The capital of France is Paris."))),
+    Case("system-prompt", (("system", "You are a concise assistant."), ("user", "Name a prime number."),
+                           ("assistant", "7 is a prime number."))),
+    Case("multi-turn", (("user", "Hi!"), ("assistant", "Hello! How can I help?"), ("user", "What is 2 + 2?"),
+                        ("assistant", "2 + 2 = 4."), ("user", "And times 3?"), ("assistant", "12."))),
+    Case("multi-turn-system", (("system", "Answer in one word."), ("user", "Color of the sky?"), ("assistant", "Blue."),
+                               ("user", "And grass?"), ("assistant", "Green."))),
+    Case("unicode", (("user", "Traduis « bonjour » en 日本語 et en العربية, s'il te plaît 🙏"),
+                     ("assistant", "こんにちは — مرحبا — Grüße aus Köln 👩\u200d💻 ∑ x² ≤ ∞"))),
+    Case("unicode-decomposed", (("user", "Cafe\u0301 or café?"), ("assistant", "Cafe\u0301 (NFD) and café (NFC).")),
+         core=False),
+    Case("multiline", (("user", "Write a Python function that adds two numbers."),
+                       ("assistant", "```python\ndef add(a, b):\n    return a + b\n```\n\n- handles ints\n- and floats"))),
+    Case("empty-assistant", (("user", "Say nothing."), ("assistant", "")), core=False),
+    Case("empty-user", (("user", ""), ("assistant", "You sent an empty message."))),
+    Case("surrounding-whitespace", (("user", "  padded question  "), ("assistant", "  padded answer \n")), core=False),
+    Case("leading-newline", (("user", "Start with a newline."), ("assistant", "\nA reply that starts on a new line.")),
+         core=False),
+    Case("whitespace-only", (("user", "Reply with spaces."), ("assistant", "   ")), core=False),
+    Case("leading-punctuation", (("user", "Continue: one, two"), ("assistant", ", three, four.")), core=False),
+    Case("template-markers", (("user", "What do <|im_end|>, <|eot_id|>, [INST] and </s> mean in a prompt?"),
+                              ("assistant", "They are control markers such as <|im_start|>, <end_of_turn> and [/INST].")),
+         core=False),
+)
+
+
+# -- results --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class CheckResult:
+    """One check: ``status`` pass/fail/skip, a one-line ``detail``, ``failures`` (per case, precise diffs) and
+    ``notes`` (edge cases refused with their reason, policy decisions)."""
+
+    name: str
+    subject: str
+    status: str
+    detail: str
+    invariant: bool
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"check": self.name, "subject": self.subject, "status": self.status, "invariant": self.invariant,
+                "detail": self.detail, "failures": self.failures, "notes": self.notes}
+
+
+@dataclass
+class VerifyReport:
+    template: str
+    template_origin: str
+    template_sha256: str
+    tokenizer: str
+    tokenizer_has_template: bool
+    history: HistoryDecision
+    checks: list[CheckResult]
+
+    @property
+    def ok(self) -> bool:
+        """True when no check failed (``sftdata verify`` exits 0)."""
+        return all(c.status != FAIL for c in self.checks)
+
+    @property
+    def invariant_ok(self) -> bool:
+        """True when every invariant check (serving prefix, history, exact masks, special tokens) passed."""
+        return all(c.status != FAIL for c in self.checks if c.invariant)
+
+    @property
+    def invariant_failures(self) -> list[CheckResult]:
+        return [c for c in self.checks if c.invariant and c.status == FAIL]
+
+    @property
+    def differs_from_tokenizer(self) -> bool | None:
+        """True when ``T`` renders differently from the tokenizer's own chat_template; None when it has none."""
+        for c in self.checks:
+            if c.name == "fidelity":
+                return None if c.status == SKIP else c.status == FAIL
+        return None
+
+    def check(self, name: str, subject: str = "template") -> CheckResult | None:
+        return next((c for c in self.checks if c.name == name and c.subject == subject), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "template": {"name": self.template, "origin": self.template_origin, "sha256": self.template_sha256},
+            "tokenizer": self.tokenizer,
+            "tokenizer_has_chat_template": self.tokenizer_has_template,
+            "ok": self.ok,
+            "invariant_ok": self.invariant_ok,
+            "differs_from_tokenizer_template": self.differs_from_tokenizer,
+            "history_policy": self.history.to_dict(),
+            "checks": [c.to_dict() for c in self.checks],
+        }
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """What ``build`` records under ``manifest["verify"]``."""
+        return {
+            "ok": self.ok,
+            "invariant_ok": self.invariant_ok,
+            "differs_from_tokenizer_template": self.differs_from_tokenizer,
+            "history_policy": self.history.to_dict(),
+            "checks": {f"{c.name}:{c.subject}": c.status for c in self.checks},
+            "failures": {f"{c.name}:{c.subject}": c.failures[:5] for c in self.checks if c.status == FAIL},
+        }
+
+    def format_text(self, max_lines: int = 6) -> str:
+        """Plain-text report (the diff ``build`` prints when it refuses)."""
+        lines = [f"verify {self.template} ({self.template_origin}) on {self.tokenizer}:"]
+        for c in self.checks:
+            lines.append(f"  [{c.status.upper():4}] {c.name} ({c.subject}): {c.detail}")
+            for f in c.failures[:max_lines]:
+                lines.append(f"         - {f}")
+            if len(c.failures) > max_lines:
+                lines.append(f"         ... and {len(c.failures) - max_lines} more")
+        return "\n".join(lines)
+
+
+# -- helpers --------------------------------------------------------------------------------------------------------
+
+def _first_difference(a: str, b: str) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def text_diff(a: str, b: str, label_a: str = "expected", label_b: str = "got", context: int = 30) -> str:
+    """Where two strings first differ, with an excerpt of each."""
+    i = _first_difference(a, b)
+    return (f"differ at character {i} (lengths {len(a)} vs {len(b)}): {label_a} "
+            f"{a[max(0, i - context):i + context]!r} vs {label_b} {b[max(0, i - context):i + context]!r}")
+
+
+def _escape_specials(messages: list[dict[str, str]], tokenizer: Any) -> list[dict[str, str]]:
+    """The encoder's ``--special-text escape`` transformation, so the suite's marker case stays text."""
+    specials = special_token_strings(tokenizer)
+    if not specials:
+        return messages
+    pattern = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+    return [{**m, "content": pattern.sub(lambda s: s.group(0)[0] + ESCAPE_CHAR + s.group(0)[1:], m["content"])}
+            for m in messages]
+
+
+def _render(template: ChatTemplate, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> tuple[str | None, str | None]:
+    try:
+        return template.render(messages, add_generation_prompt=add_generation_prompt), None
+    except Exception as e:  # raise_exception in the template, or an error
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _tokenizer_template(tokenizer: Any) -> str | None:
+    source = getattr(tokenizer, "chat_template", None)
+    if isinstance(source, dict):
+        source = source.get("default")
+    return source or None
+
+
+def _tokenizer_name(tokenizer: Any) -> str:
+    return getattr(tokenizer, "sftdata_name", None) or getattr(tokenizer, "name_or_path", "?")
+
+
+def _pieces(tokenizer: Any, ids: list[int]) -> list[str]:
+    return [tokenizer.backend_tokenizer.id_to_token(i) for i in ids]
+
+
+# -- parsing back (round trip) ----------------------------------------------------------------------------------------
+
+_SENT = "SFTDATA0PARSE{}0X"
+_LPAD, _RPAD = "\n\t\u3000 ", " \u3000\t\n"
+
+
+@dataclass(frozen=True)
+class Skeleton:
+    """The literal text a template writes around each message of a conversation shape (a tuple of roles), learned
+    by rendering sentinel contents, plus the whitespace rule it applies to each message's content."""
+
+    roles: tuple[str, ...]
+    separators: tuple[str, ...]  # len(roles) + 1
+    rules: tuple[tuple[str | None, str | None], ...]  # per message: (lstrip chars, rstrip chars); "" = untouched
+
+    def normalize(self, i: int, content: str) -> str:
+        left, right = self.rules[i]
+        if left != "":
+            content = content.lstrip(left)
+        if right != "":
+            content = content.rstrip(right)
+        return content
+
+    @property
+    def pattern(self) -> re.Pattern:
+        body = "(.*?)".join(re.escape(s) for s in self.separators)
+        return re.compile(body, re.S)
+
+
+_SKELETONS: dict[tuple, Skeleton | None] = {}
+
+
+def skeleton(template: ChatTemplate, roles: tuple[str, ...]) -> Skeleton | None:
+    """The skeleton of ``template`` for a conversation with these roles; None when the template refuses the shape or
+    does not write each content verbatim (modulo whitespace)."""
+    key = (template.sha256, tuple(sorted(template.special_tokens.items())), roles)
+    if key in _SKELETONS:
+        return _SKELETONS[key]
+    result = None
+    plain, _ = _render(template, [{"role": r, "content": _SENT.format(i)} for i, r in enumerate(roles)])
+    padded, _ = _render(template, [{"role": r, "content": _LPAD + _SENT.format(i) + _RPAD} for i, r in enumerate(roles)])
+    if plain is not None and padded is not None:
+        seps, at = [], 0
+        for i in range(len(roles)):
+            j = plain.find(_SENT.format(i), at)
+            if j < 0 or plain.count(_SENT.format(i)) != 1:
+                break
+            seps.append(plain[at:j])
+            at = j + len(_SENT.format(i))
+        else:
+            seps.append(plain[at:])
+            rules = _learn_rules(padded, seps, len(roles))
+            if rules is not None:
+                result = Skeleton(roles, tuple(seps), tuple(rules))
+    _SKELETONS[key] = result
+    return result
+
+
+def _learn_rules(padded: str, seps: list[str], n: int) -> list[tuple[str | None, str | None]] | None:
+    """Which part of the whitespace padding around each sentinel survived the template: its whitespace rule."""
+    positions = []
+    for i in range(n):
+        j = padded.find(_SENT.format(i))
+        if j < 0:
+            return None
+        positions.append((j, j + len(_SENT.format(i))))
+    kept_left, kept_right = [""] * n, [""] * n
+    bounds = [0] + [p for pair in positions for p in pair] + [len(padded)]
+    for i in range(n + 1):
+        segment = padded[bounds[2 * i]:bounds[2 * i + 1]]
+        sep = seps[i]
+        for j in range(len(segment) - len(sep) + 1):
+            right, left = segment[:j], segment[j + len(sep):]
+            if segment[j:j + len(sep)] == sep and (i == 0 or _RPAD.startswith(right)) and (i == n or _LPAD.endswith(left)) \
+                    and (i > 0 or not right) and (i < n or not left):
+                if i > 0:
+                    kept_right[i - 1] = right
+                if i < n:
+                    kept_left[i] = left
+                break
+        else:
+            return None
+    rules = []
+    for i in range(n):
+        lremoved = _LPAD[:len(_LPAD) - len(kept_left[i])]
+        rremoved = _RPAD[len(kept_right[i]):]
+        rules.append((None if lremoved == _LPAD else "".join(sorted(set(lremoved))),
+                      None if rremoved == _RPAD else "".join(sorted(set(rremoved)))))
+    return rules
+
+
+def _candidate_shapes(template: ChatTemplate, text: str, max_pairs: int = 64):
+    """Shapes ``[system] + (user, assistant) * n``, most messages first: a shorter shape can always absorb later turns
+    into one message's content, so the longest shape that matches is the natural parse."""
+    seps = {s for shape in (("user", "assistant"), ("user", "assistant") * 2)
+            for sk in [skeleton(template, shape)] if sk is not None for s in sk.separators[1:] if s}
+    most = min(max_pairs, max((text.count(s) for s in seps), default=max_pairs - 1) + 1)
+    for pairs in range(most, 0, -1):
+        base = ("user", "assistant") * pairs
+        yield ("system",) + base
+        yield base
+
+
+def parse_rendered(template: ChatTemplate, text: str, roles: list[str] | tuple[str, ...] | None = None) -> list[dict[str, str]] | None:
+    """Parse a rendered conversation back into messages, or None when no shape fits.
+
+    With ``roles`` the shape is known and only contents are recovered; without, shapes ``[system] + (user,
+    assistant) * n`` are tried (most messages first, system first) and the first whose skeleton matches is returned. Contents come back
+    as the template wrote them (after its whitespace rule, e.g. Llama-3/Gemma ``trim``).
+    """
+    shapes = [tuple(roles)] if roles is not None else _candidate_shapes(template, text)
+    for shape in shapes:
+        sk = skeleton(template, shape)
+        if sk is None or not text.startswith(sk.separators[0]) or not text.endswith(sk.separators[-1]):
+            continue
+        match = sk.pattern.fullmatch(text)
+        if match is not None:
+            return [{"role": r, "content": c} for r, c in zip(shape, match.groups())]
+    return None
+
+
+# -- the checks -----------------------------------------------------------------------------------------------------
+
+def _fidelity(template: ChatTemplate, tokenizer: Any, suite: tuple[Case, ...]) -> CheckResult:
+    own = _tokenizer_template(tokenizer)
+    subject = "template vs tokenizer.chat_template"
+    if own is None:
+        return CheckResult("fidelity", subject, SKIP, "the tokenizer has no chat_template to compare with", False)
+    failures: list[str] = []
+    renders = 0
+    for case in suite:
+        msgs = case.dicts()
+        variants = [(msgs, False)] + [(msgs[:k], True) for k, m in enumerate(msgs) if m["role"] == "assistant"]
+        for conv, gen in variants:
+            ours, our_err = _render(template, conv, gen)
+            try:
+                theirs, their_err = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen), None
+            except Exception as e:
+                theirs, their_err = None, f"{type(e).__name__}: {e}"
+            renders += 1
+            what = f"{case.name} ({len(conv)} messages{', generation prompt' if gen else ''})"
+            if ours is None and theirs is None:
+                continue  # both refuse the conversation
+            if ours is None or theirs is None:
+                failures.append(f"{what}: {'template' if ours is None else 'tokenizer template'} refuses it "
+                                f"({our_err or their_err}) but the other renders it")
+            elif ours != theirs:
+                failures.append(f"{what}: " + text_diff(theirs, ours, "tokenizer.chat_template", "template"))
+    same_source = template.source == own
+    if failures:
+        return CheckResult("fidelity", subject, FAIL,
+                           f"renders differently from the tokenizer's own chat_template in {len(failures)} of {renders} renders",
+                           False, failures)
+    return CheckResult("fidelity", subject, PASS,
+                       f"byte-identical to tokenizer.apply_chat_template on {renders} renders"
+                       + (" (same source)" if same_source else ""), False)
+
+
+def _turns(messages: list[dict[str, str]], decision: HistoryDecision) -> list[tuple[list[dict[str, str]], int]]:
+    """(example messages, trained message index) pairs, as the history policy lays them out."""
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if decision.applied == "split":
+        return [(messages[:k + 1], k) for k in assistant]
+    if decision.train_turns == "last":
+        return [(messages, k) for k in assistant[-1:]]
+    return [(messages, k) for k in assistant]
+
+
+def _serving_prefix(template: ChatTemplate, tokenizer: Any, suite: tuple[Case, ...], decision: HistoryDecision,
+                    subject: str, invariant: bool) -> CheckResult:
+    backend = tokenizer.backend_tokenizer
+    failures, notes = [], []
+    checked = refused = 0
+    for case in suite:
+        msgs = _escape_specials(case.dicts(), tokenizer)
+        for example, k in _turns(msgs, decision):
+            full, err = _render(template, example)
+            prompt, err2 = _render(template, example[:k], True)
+            if full is None or prompt is None:
+                refused += 1
+                notes.append(f"{case.name}: the template refuses this conversation ({err or err2})")
+                break
+            checked += 1
+            problem = None
+            if not full.startswith(prompt):
+                problem = f"turn {k}: the serving prompt is not a text prefix of the example: " + text_diff(prompt, full, "prompt", "example")
+            else:
+                ids = backend.encode(full, add_special_tokens=False).ids
+                pids = backend.encode(prompt, add_special_tokens=False).ids
+                if ids[:len(pids)] != pids:
+                    at = next((i for i, (a, b) in enumerate(zip(ids, pids)) if a != b), min(len(ids), len(pids)))
+                    problem = (f"turn {k}: tok(prompt) is not a token prefix of input_ids: at token {at} the prompt alone "
+                               f"gives {_pieces(tokenizer, pids[at:at + 3])}, in context {_pieces(tokenizer, ids[at:at + 3])}")
+            if problem:
+                if case.core:
+                    failures.append(f"{case.name}: {problem}")
+                else:
+                    notes.append(f"{case.name} (edge case; such rows are reported as serving-prefix problems and skipped): {problem}")
+    if checked == 0:
+        return CheckResult("serving-prefix", subject, FAIL if invariant else SKIP,
+                           "the template renders none of the suite's conversations", invariant, failures, notes)
+    if failures:
+        return CheckResult("serving-prefix", subject, FAIL,
+                           f"I2 broken for {len(failures)} ordinary conversation turns (of {checked} checked)", invariant,
+                           failures, notes)
+    return CheckResult("serving-prefix", subject, PASS,
+                       f"tok(P_k) is a token prefix for all {checked} ordinary turns checked"
+                       + (f"; {len(notes)} note(s)" if notes else ""), invariant, failures, notes)
+
+
+def _history(template: ChatTemplate, decision: HistoryDecision) -> CheckResult:
+    if decision.mismatch is None:
+        return CheckResult("history", "template", PASS, decision.describe(), True)
+    if decision.applied == "fail":
+        return CheckResult("history", "template", FAIL,
+                           "the template renders history differently from the final turn and the policy is 'fail': every "
+                           "multi-turn row would be skipped as history-mismatch (use --history-policy split or last)",
+                           True, [decision.mismatch])
+    return CheckResult("history", "template", PASS, f"renders history differently; policy {decision.describe()}", True,
+                       notes=[decision.mismatch])
+
+
+def _generated_scaffold(template: ChatTemplate, prompt_messages: list[dict[str, str]], role: str = "assistant") -> str | None:
+    """Text the template writes between the serving prompt and the assistant content (Qwen3's empty think block)."""
+    probe = "SFTDATA0SCAFFOLD0X"
+    prompt, _ = _render(template, prompt_messages, True)
+    full, _ = _render(template, prompt_messages + [{"role": role, "content": probe}])
+    if prompt is None or full is None or not full.startswith(prompt) or probe not in full:
+        return None
+    return full[len(prompt):full.index(probe)]
+
+
+def _exact_masks(template: ChatTemplate, tokenizer: Any, suite: tuple[Case, ...], decision: HistoryDecision,
+                 options: EncodeOptions) -> tuple[CheckResult, list[tuple[Case, Any]]]:
+    failures, notes = [], []
+    encoded_cases: list[tuple[Case, Any]] = []
+    backend = tokenizer.backend_tokenizer
+    eot = template.end_of_turn
+    base = dict(train_turns=decision.train_turns, train_on_prompt=False, check_decode=True)
+    for i, case in enumerate(suite):
+        marker_case = any(s in c for _, c in case.messages for s in special_token_strings(tokenizer))
+        opts = EncodeOptions(special_text="escape" if marker_case else options.special_text, **base)
+        encoder = Encoder(template, tokenizer, opts)
+        record = Record("verify-suite", i + 1, [Message(r, c) for r, c in case.messages])
+        if marker_case and options.special_text == "reject":
+            _, problems = Encoder(template, tokenizer, EncodeOptions(special_text="reject", **base)).encode_batch([record])
+            if not problems or problems[0].kind != "special-token-text":
+                failures.append(f"{case.name}: content with special-token text was not refused under --special-text reject")
+            else:
+                notes.append(f"{case.name}: refused under --special-text reject ({problems[0].detail[:90]}...); checked with escape")
+        expanded = expand_for_history_policy([record], template, decision.applied)
+        msgs = _escape_specials(case.dicts(), tokenizer) if marker_case else case.dicts()
+        layout = _turns(msgs, decision)
+        if decision.applied != "split":
+            layout = [(msgs, [k for _, k in layout])]
+        else:
+            layout = [(ex, [k]) for ex, k in layout]
+        for rec, (example, trained) in zip(expanded, layout):
+            out, problems = encoder.encode_batch([rec])  # one record per batch: split records share source/row
+            if problems:
+                p = problems[0]
+                refused_by_template = p.kind == "template-error"
+                if refused_by_template:
+                    notes.append(f"{case.name}: the template refuses this conversation")
+                elif case.core:
+                    failures.append(f"{case.name}: refused [{p.kind}] {p.detail}")
+                else:
+                    notes.append(f"{case.name} (edge case, refused with a reason, never trained): [{p.kind}] {p.detail}")
+                break
+            ex = out[0]
+            encoded_cases.append((case, ex))
+            problem = _check_example(template, tokenizer, backend, ex, example, trained, eot)
+            if problem:
+                failures.append(f"{case.name}: {problem}")
+    status = FAIL if failures or not encoded_cases else PASS
+    detail = (f"{len(encoded_cases)} examples encoded with exact labels and decode check"
+              if status == PASS else f"{len(failures)} problem(s)" if failures else "no suite conversation could be encoded")
+    return CheckResult("exact-masks", "template", status, detail, True, failures, notes), encoded_cases
+
+
+def _check_example(template, tokenizer, backend, ex, example, trained, eot) -> str | None:
+    ids, labels = ex.input_ids, ex.labels
+    if len(ids) != len(labels):
+        return "labels and input_ids differ in length"
+    if len(ex.spans) != len(trained):
+        return f"{len(ex.spans)} trained spans for {len(trained)} trained turns"
+    inside = set()
+    for s, e in ex.spans:
+        inside.update(range(s, e))
+    for i, (t, l) in enumerate(zip(ids, labels)):
+        if (i in inside and l != t) or (i not in inside and l != IGNORE_INDEX):
+            return f"label {l} at token {i} ({_pieces(tokenizer, [t])[0]!r}) breaks I3"
+    for (s, e), k in zip(ex.spans, trained):
+        decoded = backend.decode(ids[s:e], skip_special_tokens=False)
+        scaffold = _generated_scaffold(template, example[:k]) or ""
+        sk = skeleton(template, tuple(m["role"] for m in example))
+        content = example[k]["content"]
+        if sk is not None:
+            content = sk.normalize(k, content)
+        expected = scaffold + content + eot
+        # modulo NFC: tokenizers with an NFC normalizer (Qwen, Llama-3) decode composed characters
+        if unicodedata.normalize("NFC", decoded.strip()) != unicodedata.normalize("NFC", expected.strip()):
+            return (f"turn {k}: decoded trained tokens != template-generated text + end marker: "
+                    + text_diff(expected.strip(), decoded.strip(), "expected", "decoded"))
+    return None
+
+
+_MARKER = re.compile(r"<[^<>\s]{1,40}>|\[/?[A-Z_]{2,12}\]")
+
+
+def _special_tokens(template: ChatTemplate, tokenizer: Any, encoded: list[tuple[Case, Any]]) -> CheckResult:
+    backend = tokenizer.backend_tokenizer
+    failures, notes = [], []
+    vocab_size = len(tokenizer)
+
+    def single(text: str) -> list[int]:
+        return backend.encode(text, add_special_tokens=False).ids
+
+    for kind in ("bos", "eos"):
+        token, tid = getattr(tokenizer, f"{kind}_token"), getattr(tokenizer, f"{kind}_token_id")
+        if token is None:
+            (notes if kind == "bos" else failures).append(
+                f"no {kind.upper()} token" + ("" if kind == "bos" else ": raw-text documents cannot be separated by EOS"))
+            continue
+        if tid is None or not (0 <= tid < vocab_size):
+            failures.append(f"{kind.upper()} {token!r} has no id in the vocabulary")
+        elif single(token) != [tid]:
+            failures.append(f"{kind.upper()} {token!r} is not a single token: {_pieces(tokenizer, single(token))}")
+    eot = template.end_of_turn.strip()
+    markers = _MARKER.findall(eot) or [eot]
+    eot_ids: list[int] = []
+    for m in markers:
+        ids = single(m)
+        if len(ids) != 1:
+            failures.append(f"end-of-turn marker {m!r} is not a single token in this vocabulary (it tokenizes as "
+                            f"{_pieces(tokenizer, ids)[:8]}): this is not a tokenizer of the template's family, and the model "
+                            "would have to spell its stop marker")
+        else:
+            eot_ids.append(ids[0])
+    if eot_ids and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eot_ids:
+        names = [backend.id_to_token(i) for i in eot_ids]
+        notes.append(f"end-of-turn token {names[0]!r} (id {eot_ids[0]}) is not eos_token {tokenizer.eos_token!r} "
+                     f"(id {tokenizer.eos_token_id}): it is trained explicitly here (GUIDE §3.7); make sure generation "
+                     "stops on it (generation_config.eos_token_id)")
+    trained_checked = 0
+    bos = tokenizer.bos_token_id
+    for case, ex in encoded:
+        if bos is not None and ex.input_ids[:2] == [bos, bos]:
+            failures.append(f"{case.name}: input_ids start with a double BOS")
+        if eot_ids:
+            for s, e in ex.spans:
+                trained = ex.input_ids[s:e]
+                if eot_ids[-1] not in trained:
+                    failures.append(f"{case.name}: the end-of-turn token {backend.id_to_token(eot_ids[-1])!r} is not trained in span {s}:{e}")
+                trained_checked += 1
+    if encoded:
+        first = encoded[0][1].input_ids
+        rendered_bos = bos is not None and first[:1] == [bos]
+        plain = tokenizer("x", add_special_tokens=True).input_ids
+        adds_bos = bos is not None and plain[:1] == [bos]
+        if rendered_bos and adds_bos:
+            notes.append("the template writes BOS and the tokenizer adds one with add_special_tokens=True: tokenize rendered "
+                         "text with add_special_tokens=False (sftdata does), or it starts with a double BOS (trl#1400)")
+        elif not rendered_bos and adds_bos:
+            notes.append(f"the template writes no BOS although the tokenizer normally adds {tokenizer.bos_token!r}: "
+                         "input_ids start without it, exactly as a server that renders this template sends them")
+    status = FAIL if failures else PASS
+    detail = (f"BOS/EOS/end-of-turn {markers} are single tokens; end-of-turn trained in {trained_checked} spans; no double BOS"
+              if status == PASS else f"{len(failures)} problem(s)")
+    return CheckResult("special-tokens", "tokenizer + template", status, detail, True, failures, notes)
+
+
+def _round_trip(template: ChatTemplate, tokenizer: Any, suite: tuple[Case, ...]) -> CheckResult:
+    failures, notes = [], []
+    checked = 0
+    for case in suite:
+        msgs = _escape_specials(case.dicts(), tokenizer)
+        text, err = _render(template, msgs)
+        if text is None:
+            notes.append(f"{case.name}: the template refuses this conversation")
+            continue
+        roles = tuple(m["role"] for m in msgs)
+        sk = skeleton(template, roles)
+        if sk is None:
+            failures.append(f"{case.name}: cannot learn the template's skeleton for roles {list(roles)} "
+                            "(it does not write message contents verbatim)")
+            continue
+        checked += 1
+        expected = [{"role": m["role"], "content": sk.normalize(i, m["content"])} for i, m in enumerate(msgs)]
+        parsed = parse_rendered(template, text)
+        if parsed == expected:
+            continue
+        hinted = parse_rendered(template, text, roles)
+        if hinted == expected:
+            notes.append(f"{case.name}: recovered only with the roles given: without them the text parses as "
+                         f"{[m['role'] for m in parsed] if parsed else 'nothing'} (the rendering is ambiguous)")
+            continue
+        got = hinted or parsed
+        if got is None:
+            failures.append(f"{case.name}: the rendered text does not parse with the template's skeleton")
+        else:
+            diffs = [f"message {i} ({e['role']}): " + text_diff(e["content"], g["content"])
+                     for i, (e, g) in enumerate(zip(expected, got)) if e != g]
+            where = "; ".join(diffs) or f"{len(got)} messages instead of {len(expected)}"
+            if case.core:
+                failures.append(f"{case.name}: {where}")
+            else:
+                notes.append(f"{case.name} (edge case: content that contains the template's own text is ambiguous once "
+                             f"rendered): {where}")
+    status = FAIL if failures or checked == 0 else PASS
+    detail = (f"{checked} rendered conversations parse back into their messages"
+              + (" (modulo the template's whitespace rule)" if any(r != ("", "") for r in _rules_seen(template)) else "")
+              if status == PASS else f"{len(failures)} problem(s)" if failures else "nothing to check")
+    return CheckResult("round-trip", "template", status, detail, False, failures, notes)
+
+
+def _rules_seen(template: ChatTemplate):
+    for key, sk in _SKELETONS.items():
+        if key[0] == template.sha256 and sk is not None:
+            yield from sk.rules
+
+
+# -- entry points ---------------------------------------------------------------------------------------------------
+
+def verify(tokenizer: Any, template: ChatTemplate | str = "tokenizer", *, history_policy: str = "auto",
+           options: EncodeOptions | None = None, suite: tuple[Case, ...] = SUITE) -> VerifyReport:
+    """Run every check for ``template`` (a :class:`ChatTemplate`, a built-in name, a ``.jinja`` path or
+    ``"tokenizer"``) on ``tokenizer``. ``options`` are the build's encode options (``special_text``, ``train_turns``)."""
+    if isinstance(template, str):
+        template = load_template(template, tokenizer)
+    options = options or EncodeOptions()
+    decision = plan_history_policy(template, history_policy, options.train_turns)
+    checks = [_fidelity(template, tokenizer, suite),
+              _serving_prefix(template, tokenizer, suite, decision, "template", True)]
+    own = _tokenizer_template(tokenizer)
+    if own is not None and own != template.source:
+        own_template = load_template("tokenizer", tokenizer)
+        own_decision = plan_history_policy(own_template, history_policy, options.train_turns)
+        checks.append(_serving_prefix(own_template, tokenizer, suite, own_decision, "tokenizer.chat_template", False))
+    checks.append(_history(template, decision))
+    masks, encoded = _exact_masks(template, tokenizer, suite, decision, options)
+    checks.append(masks)
+    checks.append(_round_trip(template, tokenizer, suite))
+    checks.append(_special_tokens(template, tokenizer, encoded))
+    return VerifyReport(template.name, template.origin, template.sha256, _tokenizer_name(tokenizer), own is not None,
+                        decision, checks)
+
+
+def preflight(encoder_or_template: Encoder | ChatTemplate, tokenizer: Any | None = None, *,
+              history_policy: str = "auto") -> VerifyReport:
+    """The checks ``build`` runs once at start. Pass the build's :class:`Encoder` (its template, tokenizer and
+    options are used) or a template plus tokenizer. Refuse when ``not report.invariant_ok`` (print
+    ``report.format_text()``) unless overridden; warn when ``report.differs_from_tokenizer``; record
+    ``report.manifest_entry()`` in the manifest."""
+    if isinstance(encoder_or_template, Encoder):
+        return verify(encoder_or_template.tokenizer, encoder_or_template.template, history_policy=history_policy,
+                      options=encoder_or_template.options)
+    if tokenizer is None:
+        raise ValueError("preflight(template, tokenizer): a tokenizer is needed")
+    return verify(tokenizer, encoder_or_template, history_policy=history_policy)

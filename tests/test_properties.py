@@ -1,0 +1,110 @@
+"""Property tests (hypothesis): random conversations with unicode / whitespace content, every built-in template on
+the real tokenizers of its family (Gemma on a stand-in vocabulary with its markers), asserting I1-I4 and the round
+trip. A row may be refused only with a reason from a known list, and ordinary rows (content that starts and ends with
+a letter or digit, NFC) must always encode."""
+
+from __future__ import annotations
+
+import unicodedata
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sftdata.policy import expand_for_history_policy, plan_history_policy
+from sftdata.record import Message, Record
+from sftdata.render import IGNORE_INDEX, EncodeOptions, Encoder
+from sftdata.templates import load_template
+from sftdata.verify import parse_rendered, skeleton
+from template_helpers import gemma_standin, shared_tokenizer
+
+PAIRS = [("chatml", "qwen3"), ("qwen3", "qwen3"), ("llama3", "llama3_1"), ("tokenizer", "llama3_1"),
+         ("mistral", "mistral-7b-v0.1"), ("zephyr", "mistral-7b-v0.1"), ("llama2", "mistral-7b-v0.1"),
+         ("phi3", "mistral-7b-v0.1"), ("gemma", "gemma-standin")]
+ALLOWED = {"serving-prefix-tokens", "decode-mismatch", "boundary-inside-token", "empty-turn", "content-mismatch"}
+
+WORD = st.text(alphabet=st.characters(categories=("L", "N"), exclude_characters="ªº"), min_size=1, max_size=8)
+SEP = st.sampled_from([" ", " ", "\n", "\n\n", ", ", ". ", "\t", " — ", "🙂 ", "  "])
+ORDINARY = st.builds(lambda ws, ss: "".join(w + s for w, s in zip(ws, ss)) + ws[-1],
+                     st.lists(WORD, min_size=1, max_size=6), st.lists(SEP, min_size=6, max_size=6))
+EDGE = st.one_of(ORDINARY, st.text(alphabet=st.characters(blacklist_categories=("Cs",),
+                                                             blacklist_characters="<>[]|"), max_size=24))
+
+
+def _tok(name):
+    return gemma_standin() if name == "gemma-standin" else shared_tokenizer(name)
+
+
+@st.composite
+def conversations(draw, content):
+    turns = draw(st.integers(1, 3))
+    messages = [("system", draw(content))] if draw(st.booleans()) else []
+    for _ in range(turns):
+        messages += [("user", draw(content)), ("assistant", draw(content))]
+    return messages
+
+
+def _check(name, tokname, messages, ordinary):
+    tok = _tok(tokname)
+    template = load_template(name, tok)
+    decision = plan_history_policy(template, "auto")
+    encoder = Encoder(template, tok, EncodeOptions(train_turns=decision.train_turns))
+    record = Record("p.jsonl", 1, [Message(r, c) for r, c in messages])
+    try:
+        template.render(record.messages_as_dicts())
+    except Exception:
+        return  # the official template refuses it (mistral: system message)
+    backend = tok.backend_tokenizer
+    for rec in expand_for_history_policy([record], template, decision.applied):
+        out, problems = encoder.encode_batch([rec])
+        if problems:
+            assert not ordinary or unicodedata.normalize("NFC", str(messages)) != str(messages), problems[0]
+            assert problems[0].kind in ALLOWED, problems[0]
+            continue
+        ex, msgs = out[0], rec.messages_as_dicts()
+        full = template.render(msgs)
+        ids = backend.encode(full, add_special_tokens=False).ids
+        assert ex.input_ids == ids  # I1
+        trained = [k for k, m in enumerate(msgs) if m["role"] == "assistant"]
+        if decision.train_turns == "last":
+            trained = trained[-1:]
+        assert len(ex.spans) == len(trained)
+        sk = skeleton(template, tuple(m["role"] for m in msgs))
+        inside = set()
+        for (s, e), k in zip(ex.spans, trained):
+            prompt = template.render(msgs[:k], add_generation_prompt=True)
+            assert full.startswith(prompt)  # I2 (text)
+            assert ids[:s] == backend.encode(prompt, add_special_tokens=False).ids  # I2 (tokens)
+            decoded = backend.decode(ids[s:e], skip_special_tokens=False)
+            content = sk.normalize(k, msgs[k]["content"])
+            assert decoded.rstrip().endswith(template.end_of_turn.strip())  # I4: end marker trained
+            assert unicodedata.normalize("NFC", content.strip()) in unicodedata.normalize("NFC", decoded)  # I4
+            inside.update(range(s, e))
+        assert all((lab == t) if i in inside else (lab == IGNORE_INDEX)
+                   for i, (t, lab) in enumerate(zip(ex.input_ids, ex.labels)))  # I3
+    # round trip (I6): the rendered conversation parses back into its messages, modulo the whitespace rule
+    msgs = record.messages_as_dicts()
+    roles = [m["role"] for m in msgs]
+    sk = skeleton(template, tuple(roles))
+    expected = [{"role": m["role"], "content": sk.normalize(i, m["content"])} for i, m in enumerate(msgs)]
+    text = template.render(msgs)
+    parsed = parse_rendered(template, text, roles)
+    if parsed != expected:
+        # only when a content contains the template's own separator text (Gemma: a system message with "\n\n",
+        # merged into the first user turn) is the rendering ambiguous; the parse then still re-renders to the text
+        assert any(sep and sep in m["content"] for sep in sk.separators[1:-1] for m in msgs), (parsed, expected)
+        assert parsed is not None and template.render(parsed) == text
+
+
+@pytest.mark.parametrize("name, tokname", PAIRS)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(messages=conversations(ORDINARY))
+def test_ordinary_conversations_encode_exactly(name, tokname, messages):
+    _check(name, tokname, messages, ordinary=True)
+
+
+@pytest.mark.parametrize("name, tokname", PAIRS)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(messages=conversations(EDGE))
+def test_any_content_is_exact_or_refused_with_a_reason(name, tokname, messages):
+    _check(name, tokname, messages, ordinary=False)

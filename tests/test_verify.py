@@ -1,0 +1,119 @@
+"""sftdata.verify: the checks, the report, preflight, and the `sftdata verify` command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from sftdata.render import EncodeOptions, Encoder
+from sftdata.templates import load_template
+from sftdata.verify import SUITE, preflight, verify
+from template_helpers import TOKENIZERS, gemma_standin, phi3_standin, require_shared, shared_tokenizer
+
+
+def test_official_pairs_pass_everything():
+    for name, tok in [("llama3", "llama3_1"), ("tokenizer", "llama3_1")]:
+        report = verify(shared_tokenizer(tok), name)
+        assert report.ok, report.format_text()
+        assert report.invariant_ok and report.differs_from_tokenizer is False
+
+
+def test_qwen3_template_on_qwen3_passes_with_split_policy():
+    report = verify(shared_tokenizer("qwen3"), "qwen3")
+    assert report.ok, report.format_text()
+    assert report.history.applied == "split" and report.history.mismatch
+    assert report.check("fidelity", "template vs tokenizer.chat_template").status == "pass"
+
+
+def test_history_policy_fail_is_an_invariant_failure():
+    report = verify(shared_tokenizer("qwen3"), "qwen3", history_policy="fail")
+    assert not report.invariant_ok
+    assert [c.name for c in report.invariant_failures] == ["history"] or "history" in [c.name for c in report.invariant_failures]
+
+
+def test_chatml_on_qwen3_differs_but_invariants_hold():
+    report = verify(shared_tokenizer("qwen3"), "chatml")
+    assert report.invariant_ok, report.format_text()
+    assert report.differs_from_tokenizer is True and not report.ok
+    fidelity = report.check("fidelity", "template vs tokenizer.chat_template")
+    assert fidelity.status == "fail" and "<think>" in fidelity.failures[0]
+    assert report.manifest_entry()["differs_from_tokenizer_template"] is True
+
+
+def test_no_chat_template_skips_fidelity():
+    report = verify(shared_tokenizer("mistral-7b-v0.1"), "zephyr")
+    assert report.check("fidelity", "template vs tokenizer.chat_template").status == "skip"
+    assert report.ok, report.format_text()
+
+
+def test_foreign_markers_are_reported_precisely():
+    """Gemma's markers are plain text in the Mistral vocabulary: verify says so and refuses (invariant)."""
+    report = verify(shared_tokenizer("mistral-7b-v0.1"), "gemma")
+    special = report.check("special-tokens", "tokenizer + template")
+    assert special.status == "fail" and not report.invariant_ok
+    assert any("'<end_of_turn>' is not a single token" in f and "'end'" in f for f in special.failures)
+
+
+def test_gemma_on_a_vocabulary_with_its_markers():
+    report = verify(gemma_standin(), "gemma")
+    assert report.invariant_ok, report.format_text()
+    notes = report.check("special-tokens", "tokenizer + template").notes
+    assert any("is not eos_token" in n for n in notes)  # GUIDE §3.7: trained explicitly
+
+
+def test_mistral_template_refuses_system_like_the_official_one():
+    report = verify(shared_tokenizer("mistral-7b-v0.1"), "mistral")
+    assert report.invariant_ok, report.format_text()
+    masks = report.check("exact-masks")
+    assert any("system-prompt" in n and "refuses" in n for n in masks.notes)
+    # "[/INST]," merges into one token: such rows are refused with the reason, not trained
+    assert any("leading-punctuation" in n and "serving-prefix" in n for n in masks.notes)
+
+
+def test_edge_cases_are_refused_with_reasons_not_silently():
+    report = verify(shared_tokenizer("qwen3"), "chatml")
+    notes = report.check("exact-masks").notes
+    assert any(n.startswith("leading-newline") and "serving-prefix-tokens" in n for n in notes)
+    assert any(n.startswith("template-markers") and "--special-text reject" in n for n in notes)
+
+
+@pytest.mark.xfail(strict=True, reason="render.py compares decoded text with the rendered text exactly; an added token "
+                   "with rstrip=True (Phi-3's <|end|>) absorbs the newline after it, so every Phi-3 example is refused "
+                   "as decode-mismatch. Remove this marker when render.py compares modulo absorbed whitespace.")
+def test_phi3_with_rstrip_added_tokens():
+    report = verify(phi3_standin(rstrip=True), "phi3")
+    assert report.check("exact-masks").status == "pass", report.format_text()
+
+
+def test_preflight_takes_the_build_encoder():
+    tok = shared_tokenizer("qwen3")
+    encoder = Encoder(load_template("chatml", tok), tok, EncodeOptions(special_text="escape"))
+    report = preflight(encoder)
+    assert report.invariant_ok and report.differs_from_tokenizer
+    assert "template-markers" not in " ".join(report.check("exact-masks").notes)  # escape: encoded, not refused
+    assert json.dumps(report.manifest_entry())
+
+
+def test_report_json_shape():
+    data = verify(shared_tokenizer("llama3_1"), "llama3").to_dict()
+    assert data["ok"] is True and data["template"]["name"] == "llama3"
+    assert {c["check"] for c in data["checks"]} == {"fidelity", "serving-prefix", "history", "exact-masks",
+                                                     "round-trip", "special-tokens"}
+    assert len(SUITE) >= 10
+
+
+def test_cli_exit_status_and_json():
+    from sftdata.cli import main
+
+    require_shared("llama3_1")
+    runner = CliRunner()
+    ok = runner.invoke(main, ["verify", "--tokenizer", str(TOKENIZERS / "llama3_1"), "--template", "llama3", "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["ok"] is True
+    bad = runner.invoke(main, ["verify", "--tokenizer", str(TOKENIZERS / "qwen3"), "--template", "chatml"])
+    assert bad.exit_code == 1
+    assert "fidelity" in bad.output and "FAIL" in bad.output
+    missing = runner.invoke(main, ["verify", "--tokenizer", str(TOKENIZERS / "mistral-7b-v0.1")])
+    assert missing.exit_code == 2 and "no chat_template" in missing.output
