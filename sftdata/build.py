@@ -186,6 +186,9 @@ def build(
     # The staging dir is only the in-progress output: any failure removes it and leaves `output` as it was.
     tmp = staging_dir(output)
     try:
+        # Raw-text corpora are packed as fixed blocks (the continued-pretraining convention): long documents are cut
+        # across blocks, never truncated.
+        raw_text_blocks = pack and all(_input_format(p, format, column_map) == "text" for p in inputs)
         cleaners = _make_cleaners(dedup, dedup_options, decontaminate, decontaminate_options)
         split_dir = tmp / "unpacked" if pack else tmp
         split_dir.mkdir(exist_ok=True)
@@ -220,7 +223,7 @@ def build(
                 problems.extend(batch_problems)
                 outputs: dict[str, list[Encoded]] = defaultdict(list)
                 for example in examples:
-                    if max_length and len(example.input_ids) > max_length:
+                    if max_length and len(example.input_ids) > max_length and not raw_text_blocks:
                         if truncation == "drop":
                             _too_long(problems, example, max_length, "dropped (--truncation drop)")
                             continue
@@ -248,11 +251,10 @@ def build(
         if pack:
             from sftdata.pack import pack_split
 
-            all_text = all(s.format == "text" for s in stats if s.rows)
             packing = {}
             for name, writer in writers.items():
                 packing[name] = pack_split([str(split_dir / f) for f in writer.files], str(tmp), name, max_length,
-                                           seed=seed, raw_text=all_text)
+                                           seed=seed, raw_text=raw_text_blocks)
                 splits[name] = {"rows": packing[name]["rows"], "files": packing[name]["files"], "examples": writer.rows}
             shutil.rmtree(split_dir)
 
@@ -339,6 +341,16 @@ def _too_long(problems: ProblemLog, example: Encoded, max_length: int, why: str)
 
     problems.add(Problem(example.source, example.row, "truncate", "too-long",
                          f"{len(example.input_ids)} tokens > --max-length {max_length}: {why}"))
+
+
+def _input_format(path: str, format: str | None, columns: dict[str, str]) -> str | None:
+    """The format of an input's first readable row (cheap: reads one row)."""
+    if format is not None:
+        return format
+    stats: list[ReadStats] = []
+    for _ in read_records([path], columns=columns, problems=ProblemLog(), batch_size=1, stats=stats):
+        break
+    return stats[0].format if stats else None
 
 
 def _make_cleaners(dedup: bool, dedup_options: dict[str, Any] | None, decontaminate, decontaminate_options) -> dict[str, Any]:

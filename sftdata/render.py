@@ -66,6 +66,7 @@ class Encoded:
     labels: list[int]
     spans: list[tuple[int, int]] = field(default_factory=list)
     truncated: bool = False
+    is_text: bool = False  # a raw-text document (every token trained)
 
     @property
     def num_trained(self) -> int:
@@ -226,7 +227,7 @@ class Encoder:
         ids = list(enc.ids)
         if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
             ids.append(self.eos_id)  # documents are separated by EOS (continued-pretraining convention)
-        return Encoded(record.source, record.row, ids, list(ids), [(0, len(ids))])
+        return Encoded(record.source, record.row, ids, list(ids), [(0, len(ids))], is_text=True)
 
     # -- batch ------------------------------------------------------------------------------------------------
 
@@ -275,7 +276,8 @@ def truncate(example: Encoded, max_length: int) -> Encoded | None:
     if all(x == IGNORE_INDEX for x in labels):
         return None
     spans = [(s, min(e, max_length)) for s, e in example.spans if s < max_length]
-    return Encoded(example.source, example.row, example.input_ids[:max_length], labels, spans, truncated=True)
+    return Encoded(example.source, example.row, example.input_ids[:max_length], labels, spans, truncated=True,
+                   is_text=example.is_text)
 
 
 def _first_difference(a: str, b: str) -> int:

@@ -94,7 +94,9 @@ def render_row(row: dict[str, Any], tokenizer: Any, *, color: bool = True) -> Te
             if trained_open:
                 text.append(CLOSE, style=TRAINED_STYLE)
                 trained_open = False
-            text.append(f"\n──── example {boundaries[i] + 1} starts (position_ids restart) ────\n", style="bold yellow")
+            n = boundaries[i]
+            where = f" · {row['source'][n]}:{row['row'][n]}" if isinstance(row.get("source"), list) else ""
+            text.append(f"\n──── example {n + 1}{where} starts (position_ids restart) ────\n", style="bold yellow")
         trained = label != IGNORE_INDEX
         if trained and not trained_open:
             text.append(OPEN, style=TRAINED_STYLE)
@@ -132,7 +134,13 @@ def header(row: dict[str, Any]) -> str:
     where = (f"{source}:{row.get('row')}" if isinstance(source, str)
              else f"{len(row.get('seq_lengths') or [])} packed examples")
     return (f"row {row['_index']} · {where} · {len(ids)} tokens · {trained} trained · "
-            f"truncated: {'yes' if row.get('truncated') else 'no'}")
+            f"truncated: {_truncated(row.get('truncated'))}")
+
+
+def _truncated(value: Any) -> str:
+    if isinstance(value, list):  # packed row: one flag per example
+        return f"{sum(value)} of {len(value)} examples" if any(value) else "no"
+    return "yes" if value else "no"
 
 
 def ids_table(row: dict[str, Any], tokenizer: Any) -> Table:

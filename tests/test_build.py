@@ -202,3 +202,16 @@ def test_worker_processes_give_identical_output(tmp_path):
     build(inputs, output=tmp_path / "one", workers=1, batch_size=32)
     build(inputs, output=tmp_path / "two", workers=2, batch_size=32)
     assert rows_of(tmp_path / "one") == rows_of(tmp_path / "two")
+
+
+def test_raw_text_is_packed_in_blocks_without_losing_tokens(tmp_path):
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": "word " * n}) + "\n" for n in (5, 40, 12)))
+    unpacked = build([str(src)], output=tmp_path / "u", tokenizer=str(TINY_TOKENIZER))
+    packed = build([str(src)], output=tmp_path / "p", tokenizer=str(TINY_TOKENIZER), pack=True, max_length=16)
+    assert packed.manifest["counts"]["truncated"] == 0 and packed.manifest["counts"]["skipped"] == {}
+    flat = [t for r in rows_of(tmp_path / "u") for t in r["input_ids"]]
+    blocks = rows_of(tmp_path / "p")
+    assert all(len(r["input_ids"]) <= 16 for r in blocks)
+    assert sorted(t for r in blocks for t in r["input_ids"]) == sorted(flat)
+    assert unpacked.manifest["tokens"]["total"] == len(flat) == packed.manifest["tokens"]["total"]
