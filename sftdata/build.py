@@ -18,7 +18,9 @@ from sftdata import __version__
 from sftdata.ingest import ReadStats, input_size, parse_columns, read_records
 from sftdata.record import DataError, ProblemLog, Record, Removal
 from sftdata.render import EncodeOptions, Encoded, Encoder, truncate
+from sftdata.policy import expand_for_history_policy, plan_history_policy
 from sftdata.templates import load_template
+from sftdata.verify import preflight
 from sftdata.tokenizer import load_tokenizer, tokenizer_identity
 from sftdata.write import (
     FORMAT,
@@ -125,6 +127,8 @@ def build(
     decontaminate: list[str] | tuple[str, ...] = (),
     decontaminate_options: dict[str, Any] | None = None,
     report: str | Path | None = None,
+    history_policy: str = "auto",
+    allow_unverified: bool = False,
     batch_size: int = 1000,
     workers: int = 0,
     force: bool = False,
@@ -136,7 +140,9 @@ def build(
     Every row either becomes an example whose labels satisfy the guide's invariants I1–I5 or is counted in the
     manifest with its reason (``--on-error skip``), or stops the build (``on_error="fail"``). When ``output``
     already holds a build with the same fingerprint (input bytes, template, tokenizer, options) nothing is redone
-    unless ``force``. ``workers``: encoder processes (0 = one per core for inputs over 16 MiB, else in-process).
+    unless ``force``. ``history_policy`` (auto/split/last/fail) handles templates that render earlier turns
+    differently from the final one (Qwen3 thinking); ``allow_unverified`` builds even when the template/tokenizer
+    pair fails the preflight invariant checks. ``workers``: encoder processes (0 = one per core for inputs over 16 MiB, else in-process).
     """
     started = time.perf_counter()
     inputs = [inputs] if isinstance(inputs, (str, Path)) else [str(p) for p in inputs]
@@ -157,7 +163,20 @@ def build(
 
     tok = load_tokenizer(tokenizer, template=template)
     tpl = load_template(template, tok)
+    history = plan_history_policy(tpl, history_policy, train_turns)
+    encode_options.train_turns = history.train_turns
     encoder = Encoder(tpl, tok, encode_options)
+    # Verify the template/tokenizer pair once, before reading any data (GUIDE I1-I4 on a built-in suite).
+    verified = preflight(encoder, history_policy=history_policy)
+    if not verified.invariant_ok and not allow_unverified:
+        raise DataError(f"template {tpl.name!r} with tokenizer {getattr(tok, 'sftdata_name', tok.name_or_path)!r} fails "
+                        f"the invariant checks (pass --allow-unverified to build anyway):\n{verified.format_text()}")
+    warnings: list[str] = []
+    if verified.differs_from_tokenizer:
+        warnings.append(f"template {tpl.name!r} differs from the tokenizer's own chat_template; the trainer saves "
+                        "this training template with the adapter, so serve with it")
+    if not verified.invariant_ok:
+        warnings.append("built with --allow-unverified although the invariant checks failed")
     tok_identity = tokenizer_identity(tok)
     # What load_tokenizer() takes to get the same tokenizer back (show, train).
     tok_identity["load"] = (str(Path(tokenizer).resolve()) if tokenizer and Path(tokenizer).exists()
@@ -167,7 +186,7 @@ def build(
     options = {
         "format": format, "columns": column_map, "strip": strip, "max_length": max_length, "truncation": truncation,
         "train_turns": train_turns, "train_on_prompt": train_on_prompt, "special_text": special_text,
-        "on_error": on_error, "pack": pack, "eval_fraction": eval_fraction, "seed": seed,
+        "on_error": on_error, "pack": pack, "history_policy": history_policy, "allow_unverified": allow_unverified, "eval_fraction": eval_fraction, "seed": seed,
         "dedup": dedup, "dedup_options": dedup_options or {}, "decontaminate": [file_sha256(p) for p in decontaminate],
         "decontaminate_options": decontaminate_options or {},
     }
@@ -215,7 +234,7 @@ def build(
                         for removal in removals:
                             removed[removal.reason] += 1
                             removed_file.write(json.dumps(removal.to_dict(), ensure_ascii=False) + "\n")
-                    yield batch
+                    yield expand_for_history_policy(batch, tpl, history.applied)
 
             n_workers = workers if workers > 0 else (os.cpu_count() or 1) if total_bytes > AUTO_WORKERS_BYTES else 1
             for examples, batch_problems in encode_batches(cleaned_batches(), encoder, workers=n_workers,
@@ -286,6 +305,9 @@ def build(
             "splits": splits,
             "packing": packing,
             "cleaning": {name: stage.summary() for name, stage in cleaners.items()},
+            "history_policy": history.to_dict(),
+            "verify": verified.manifest_entry(),
+            "warnings": warnings,
             "problems": problems.to_dict()["examples"],
             "seconds": round(time.perf_counter() - started, 3),
         }

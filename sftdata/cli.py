@@ -76,6 +76,12 @@ def main() -> None:
               help="Remove rows that overlap this eval set file (repeatable).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
               help="Write the rows removed by --dedup/--decontaminate (with what they matched) to this JSONL file.")
+@click.option("--history-policy", type=click.Choice(["auto", "split", "last", "fail"]), default="auto", show_default=True,
+              help="Templates that render earlier assistant turns differently from the final one (Qwen3 thinking): "
+                   "split each conversation into one example per turn (auto does this when needed), train only "
+                   "the last turn, or skip such rows.")
+@click.option("--allow-unverified", is_flag=True,
+              help="Build even when the template/tokenizer pair fails the preflight invariant checks.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Encoder processes; 0 = one per core for inputs over 16 MiB, in-process otherwise.")
 @click.option("--force", is_flag=True, help="Rebuild even when the output is up to date.")
@@ -83,7 +89,7 @@ def main() -> None:
 @reports_errors
 def build_command(inputs, template, tokenizer, output, fmt, columns, strip, max_length, truncation, train_turns,
                   train_on_prompt, special_text, on_error, pack, eval_fraction, seed, dedup, decontaminate, report,
-                  workers, force, quiet):
+                  history_policy, allow_unverified, workers, force, quiet):
     """Render and tokenize INPUTS into training-ready Parquet with exact -100 label masks.
 
     INPUTS are .jsonl/.json/.csv/.parquet/.txt files (optionally .gz), saved Hugging Face dataset directories or
@@ -99,8 +105,11 @@ def build_command(inputs, template, tokenizer, output, fmt, columns, strip, max_
                    strip=strip, max_length=max_length, truncation=truncation, train_turns=train_turns,
                    train_on_prompt=train_on_prompt, special_text=special_text, on_error=on_error, pack=pack,
                    eval_fraction=eval_fraction, seed=seed, dedup=dedup, decontaminate=list(decontaminate),
-                   report=report, workers=workers, force=force, progress=not quiet, console=console)
+                   report=report, history_policy=history_policy,
+                   allow_unverified=allow_unverified, workers=workers, force=force, progress=not quiet, console=console)
     manifest = result.manifest
+    for warning in manifest.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     if result.up_to_date:
         console.print(f"{escape(str(result.output))} is up to date (same inputs, template, tokenizer and options); --force rebuilds")
     elif not quiet:
@@ -117,6 +126,9 @@ def print_summary(manifest: dict, output: str) -> None:
     table.add_column(justify="right")
     table.add_row("template", f"{manifest['template']['name']} (end of turn {manifest['template']['end_of_turn']!r})")
     table.add_row("tokenizer", str(manifest["tokenizer"]["name_or_path"]))
+    history = manifest.get("history_policy") or {}
+    if history.get("applied") not in (None, "none"):
+        table.add_row("history policy", f"{history['applied']} (the template renders earlier turns differently)")
     table.add_row("rows read", f"{counts['rows_read']:,}")
     table.add_row("examples kept", f"{counts['rows_kept']:,}")
     for kind, n in counts["skipped"].items():
@@ -168,7 +180,7 @@ def templates_command():
 
     table = Table("name", "description")
     for path in sorted(builtin_template_dir().glob("*.jinja")):
-        table.add_row(path.stem, template_description(path.read_text(encoding="utf-8")))
+        table.add_row(path.stem, escape(template_description(path.read_text(encoding="utf-8"))))
     Console().print(table)
 
 from sftdata.cli_train import train_command, merge_command, memory_command; main.add_command(train_command); main.add_command(merge_command); main.add_command(memory_command)  # noqa: E402,E702

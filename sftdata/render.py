@@ -20,6 +20,7 @@ Any turn where a check fails makes the example a :class:`Problem` with the reaso
 from __future__ import annotations
 
 import re
+import unicodedata
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Any
@@ -206,7 +207,7 @@ class Encoder:
         for turn, ((s, e), text, content) in enumerate(zip(spans, decoded, plan.contents)):
             rendered = plan.full[offsets[s][0]:offsets[e - 1][1]]
             # SentencePiece decoders drop the "▁" of a run's first token; compare modulo whitespace at the run's edges.
-            if text.strip() != rendered.strip():
+            if text.strip() != rendered.strip() and _nfc(text).strip() != _nfc(rendered).strip():
                 return Problem(plan.record.source, plan.record.row, "render", "decode-mismatch",
                                f"trained turn {turn + 1}: decoded tokens {text[:60]!r} differ from the rendered text {rendered[:60]!r}")
             if content.strip() not in rendered:
@@ -234,37 +235,38 @@ class Encoder:
     def encode_batch(self, records: list[Record]) -> tuple[list[Encoded], list[Problem]]:
         """Encode a batch; returns examples (input order) and the problems of the rows that could not be encoded."""
         problems: list[Problem] = []
-        plans: list[_Plan] = []
-        texts: list[Record] = []
-        for record in records:
+        plans: list[tuple[int, _Plan]] = []
+        texts: list[tuple[int, Record]] = []
+        # Results by position in the batch: split history records share their (source, row).
+        results: list[Encoded | None] = [None] * len(records)
+        for position, record in enumerate(records):
             if record.is_chat:
                 planned = self._plan(record)
                 if isinstance(planned, Problem):
                     problems.append(planned)
                 else:
-                    plans.append(planned)
+                    plans.append((position, planned))
             else:
-                texts.append(record)
+                texts.append((position, record))
         chat_inputs: list[str] = []
-        for plan in plans:
+        for _, plan in plans:
             chat_inputs.append(plan.full)
             chat_inputs.extend(plan.prompts)
         encodings = self.backend.encode_batch(chat_inputs, add_special_tokens=False) if chat_inputs else []
-        out: dict[tuple[str, int], Encoded] = {}
         i = 0
-        for plan in plans:
+        for position, plan in plans:
             n = len(plan.prompts)
             result = self._finish(plan, encodings[i], encodings[i + 1:i + 1 + n])
             i += 1 + n
             if isinstance(result, Problem):
                 problems.append(result)
             else:
-                out[(plan.record.source, plan.record.row)] = result
+                results[position] = result
         if texts:
-            text_encodings = self.backend.encode_batch([r.text for r in texts], add_special_tokens=True)
-            for record, enc in zip(texts, text_encodings):
-                out[(record.source, record.row)] = self._finish_text(record, enc)
-        ordered = [out[(r.source, r.row)] for r in records if (r.source, r.row) in out]
+            text_encodings = self.backend.encode_batch([r.text for _, r in texts], add_special_tokens=True)
+            for (position, record), enc in zip(texts, text_encodings):
+                results[position] = self._finish_text(record, enc)
+        ordered = [r for r in results if r is not None]
         return ordered, problems
 
 
@@ -278,6 +280,11 @@ def truncate(example: Encoded, max_length: int) -> Encoded | None:
     spans = [(s, min(e, max_length)) for s, e in example.spans if s < max_length]
     return Encoded(example.source, example.row, example.input_ids[:max_length], labels, spans, truncated=True,
                    is_text=example.is_text)
+
+
+def _nfc(text: str) -> str:
+    # Tokenizers with an NFC normalizer (Qwen) decode composed characters; the rendered text may hold decomposed ones.
+    return unicodedata.normalize("NFC", text)
 
 
 def _first_difference(a: str, b: str) -> int:
