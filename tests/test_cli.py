@@ -61,3 +61,31 @@ def test_help_lists_commands():
     assert result.exit_code == 0
     for command in ("build", "show", "templates"):
         assert command in result.output
+
+
+def test_python_api_has_the_command_names(tmp_path):
+    import sftdata
+
+    result = sftdata.build([CHAT], output=tmp_path / "o")
+    assert result.manifest["counts"]["rows_kept"] == 50
+    assert callable(sftdata.show) and callable(sftdata.verify) and callable(sftdata.dedup) and callable(sftdata.decontaminate)
+
+
+def test_build_with_dedup_and_decontamination(tmp_path):
+    rows = [{"instruction": "What is 2+2?", "output": "4"}, {"instruction": "What is 2+2?", "output": "4"},
+            {"instruction": "Name a colour.", "output": "Blue"},
+            {"instruction": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
+                            "in May. How many clips did Natalia sell altogether in April and May?", "output": "72"}]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text(json.dumps({"question": rows[3]["instruction"], "answer": "72"}) + "\n")
+    report = tmp_path / "removed.jsonl"
+    result = CliRunner().invoke(main, ["build", str(src), "-o", str(tmp_path / "o"), "--dedup", "--decontaminate",
+                                       str(evals), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["counts"]["rows_kept"] == 2
+    assert manifest["counts"]["removed"] == {"contaminated": 1, "exact-duplicate": 1}
+    removed = sorted((r["row"], r["reason"]) for r in map(json.loads, report.read_text().splitlines()))
+    assert removed == [(2, "exact-duplicate"), (4, "contaminated")]
