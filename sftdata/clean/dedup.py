@@ -1,15 +1,17 @@
 """Exact and near-duplicate removal, streaming in two passes over batches of records.
 
 Pass 1 (:meth:`Deduplicator.add_batch`): each record's text (roles included, see
-:func:`~sftdata.clean.normalize.record_text`) is normalized; a 128-bit xxh3 hash of the normalized text finds
-exact duplicates; the first occurrence of every distinct text is shingled (word n-grams), sketched with MinHash
-and its LSH band keys kept. Its sorted shingle-hash set is appended to a temporary file on disk, so memory holds
-only per-record integers and band keys, never texts or shingle sets.
+:func:`~sftdata.clean.normalize.record_text`) is normalized and tokenized; a 128-bit xxh3 hash of its token
+sequence finds exact duplicates; the first occurrence of every distinct text is shingled (word n-grams) and
+sketched with MinHash (its signature and LSH band keys stay in memory, ~0.7 KB per row). Its shingle hashes are
+appended to a temporary file on disk, so memory is bounded by the signatures, never by the texts.
 
-:meth:`Deduplicator.finalize`: pairs sharing a band key are candidates; each is verified with the **exact**
-Jaccard of the two shingle sets (read back from the file) and counts only if ``J >= threshold``; verified
-pairs are merged with union-find. A candidate whose two rows are already in one cluster is not re-verified
-(it could not change the clustering).
+:meth:`Deduplicator.finalize`: pairs sharing a band key are candidates; a candidate whose MinHash estimate is far
+below the threshold (``threshold - screen_margin``; a pair at the threshold is screened out with probability
+``screen_miss_rate_at_threshold`` in the summary, ~1e-5 by default) is dropped; every other candidate is verified
+with the **exact** Jaccard of the two shingle sets (read back from the file) and counts only if
+``J >= threshold``; verified pairs are merged with union-find. A candidate whose two rows are already in one
+cluster is not re-verified (it could not change the clustering).
 
 Representative rule: in every cluster (exact or near) the **earliest row in input order** is kept; every other
 member is removed and its removal names that representative, the cluster id (the 0-based input position of the
@@ -21,6 +23,7 @@ Pass 2 (:meth:`Deduplicator.filter_batch`): the same records again, in any batch
 
 from __future__ import annotations
 
+import math
 import tempfile
 from array import array
 from typing import Any
@@ -28,7 +31,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from sftdata.clean.minhash import MinHasher, band_keys, bucket_pairs, choose_bands, jaccard_sorted, miss_rate
+from sftdata.clean.minhash import MinHasher, band_keys, bucket_pairs, choose_bands, miss_rate
 from sftdata.clean.normalize import Normalizer, record_text, shingle_hashes, token_hashes
 from sftdata.record import Record, Removal
 
@@ -60,6 +63,7 @@ class Deduplicator:
         bands: int | None = None,
         rows: int | None = None,
         max_miss: float = 0.01,
+        screen_margin: float | None = 0.15,
         spill_dir: str | None = None,
     ):
         if ngram < 1:
@@ -80,6 +84,7 @@ class Deduplicator:
         if bands * rows > self.num_perm:
             raise ValueError(f"bands x rows = {bands * rows} exceeds num_perm = {self.num_perm}")
         self.bands, self.rows = int(bands), int(rows)
+        self.screen_margin = screen_margin
         self.hasher = MinHasher(self.num_perm, seed)
         # per input record
         self._source_ids: dict[str, int] = {}
@@ -91,6 +96,7 @@ class Deduplicator:
         # per sketched (first-occurrence, non-empty) record
         self._near_doc = array("q")
         self._keys: list[np.ndarray] = []
+        self._sigs: list[np.ndarray] = []
         self._set_offsets = array("q", [0])
         self._spill = tempfile.TemporaryFile(dir=spill_dir, prefix="sftdata-dedup-") if near else None
         # results
@@ -150,6 +156,7 @@ class Deduplicator:
             np.cumsum(counts, out=soff[1:])
         sig = self.hasher.signatures(sh, soff, columns=self.bands * self.rows)
         self._keys.append(band_keys(sig, self.bands, self.rows))
+        self._sigs.append(sig)
         self._near_doc.extend(start + i for i in local)
         last = self._set_offsets[-1]
         self._set_offsets.extend((soff[1:] + last).tolist())
@@ -165,26 +172,51 @@ class Deduplicator:
         ref = np.arange(n, dtype=np.int64)
         jac = np.ones(n, dtype=np.float32)
         first = np.frombuffer(self._first, dtype=np.int64) if n else np.zeros(0, dtype=np.int64)
-        stats = {"candidate_pairs": 0, "verified_pairs": 0, "rejected_pairs": 0, "rejected_by_size": 0,
-                 "skipped_same_cluster": 0}
+        stats = {"candidate_pairs": 0, "rejected_by_estimate": 0, "verified_pairs": 0, "rejected_pairs": 0,
+                 "rejected_by_size": 0, "skipped_same_cluster": 0}
         near_rep = np.arange(n, dtype=np.int64)  # for first occurrences: representative of their near cluster
         m = len(self._near_doc)
         if self.near and m > 1:
             self._spill.flush()
             sets = _map_spill(self._spill)
             offs = np.frombuffer(self._set_offsets, dtype=np.int64)
-            cache: dict[int, np.ndarray] = {}
+            cache: dict[int, frozenset] = {}
 
-            def shingle_set(k: int) -> np.ndarray:
+            def shingle_set(k: int) -> frozenset:
+                """Doc k's shingle-hash set (read back from the spill file; a bounded cache)."""
                 got = cache.get(k)
                 if got is None:
-                    if len(cache) > 4096:
+                    if len(cache) > 8192:
                         cache.clear()
-                    got = cache[k] = np.unique(np.asarray(sets[offs[k]:offs[k + 1]]))
+                    got = cache[k] = frozenset(sets[offs[k]:offs[k + 1]].tolist())
                 return got
+
             keys = np.concatenate(self._keys) if len(self._keys) > 1 else self._keys[0]
             codes = bucket_pairs(keys)
             stats["candidate_pairs"] = int(len(codes))
+            # cheap screen: the MinHash estimate over all signature columns. A pair is dropped before the exact
+            # check only if its estimate is below threshold - screen_margin (for J >= threshold that happens with
+            # probability screen_miss_rate_at_threshold, ~3e-5 by default); everything else is verified exactly.
+            sigs = np.concatenate(self._sigs) if len(self._sigs) > 1 else self._sigs[0]
+            self._sigs = []
+            if len(codes) and self.screen_margin is not None:
+                k = sigs.shape[1]
+                cut = math.ceil((self.threshold - self.screen_margin) * k - 1e-9)
+                keep = np.empty(len(codes), dtype=bool)
+                step = 32768
+                for lo in range(0, len(codes), step):
+                    ia, ib = np.divmod(codes[lo:lo + step], m)
+                    # stage 1 on a third of the columns with twice the margin, stage 2 on all columns
+                    head = k // 3
+                    c1 = np.count_nonzero(sigs[ia, :head] == sigs[ib, :head], axis=1)
+                    alive = np.flatnonzero(c1 >= math.ceil((self.threshold - 2 * self.screen_margin) * head - 1e-9))
+                    c2 = c1[alive] + np.count_nonzero(sigs[ia[alive], head:] == sigs[ib[alive], head:], axis=1)
+                    part = np.zeros(len(ia), dtype=bool)
+                    part[alive[c2 >= cut]] = True
+                    keep[lo:lo + step] = part
+                stats["rejected_by_estimate"] = int(np.count_nonzero(~keep))
+                codes = codes[keep]
+            del sigs
             parent = list(range(m))
 
             def find(x: int) -> int:
@@ -208,7 +240,8 @@ class Deduplicator:
                 if min(sa, sb) < t * max(sa, sb) - 1e-12:  # J <= min/max: cannot reach the threshold
                     stats["rejected_by_size"] += 1
                     continue
-                j = jaccard_sorted(set_a, set_b)
+                inter = len(set_a & set_b)
+                j = inter / (sa + sb - inter)
                 if j + 1e-12 >= t:
                     stats["verified_pairs"] += 1
                     if ra < rb:
@@ -227,7 +260,9 @@ class Deduplicator:
                     near_rep[d] = int(near_doc[r])
                     status[d] = NEAR
                     ref[d] = near_doc[r]
-                    jac[d] = jaccard_sorted(shingle_set(k), shingle_set(r))
+                    sk, sr = shingle_set(k), shingle_set(r)
+                    inter = len(sk & sr)
+                    jac[d] = inter / (len(sk) + len(sr) - inter)
                     partner, pj = via[k]
                     self._via[d] = (int(near_doc[partner]), float(pj))
         if self._spill is not None:
@@ -299,6 +334,19 @@ class Deduplicator:
                 removed.append(Removal(rec, self.stage, "near-duplicate", detail, matched))
         return kept, removed
 
+    def screen_miss_rate(self) -> float:
+        """Probability that a pair at exactly the threshold is screened out by its MinHash estimate (binomial)."""
+        if self.screen_margin is None:
+            return 0.0
+        t = self.threshold
+
+        def below(k: int, margin: float) -> float:  # P(Binomial(k, t) < ceil((t - margin) k))
+            cut = math.ceil((t - margin) * k - 1e-9)
+            return sum(math.comb(k, i) * t ** i * (1 - t) ** (k - i) for i in range(max(cut, 0)))
+
+        k = self.bands * self.rows
+        return float(min(1.0, below(k // 3, 2 * self.screen_margin) + below(k, self.screen_margin)))
+
     def summary(self) -> dict[str, Any]:
         removed: dict[str, int] = {}
         clusters = 0
@@ -319,6 +367,8 @@ class Deduplicator:
             "bands": self.bands,
             "rows": self.rows,
             "miss_rate_at_threshold": miss_rate(self.threshold, self.bands, self.rows),
+            "screen_margin": self.screen_margin,
+            "screen_miss_rate_at_threshold": self.screen_miss_rate(),
             "normalization": self.normalizer.to_dict(),
             "representative_rule": REPRESENTATIVE_RULE,
             "rows_seen": len(self._src),

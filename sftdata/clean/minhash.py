@@ -153,7 +153,10 @@ def bucket_pairs(keys: np.ndarray, valid: np.ndarray | None = None) -> np.ndarra
         codes.append(lo * n + hi)
     if not codes:
         return np.zeros(0, dtype=np.int64)
-    return np.unique(np.concatenate(codes))
+    allc = np.sort(np.concatenate(codes))
+    keep = np.ones(len(allc), dtype=bool)
+    keep[1:] = allc[1:] != allc[:-1]
+    return allc[keep]
 
 
 def _run_positions(run_start: np.ndarray, run_len: np.ndarray) -> np.ndarray:
