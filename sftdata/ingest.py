@@ -334,10 +334,7 @@ def _rows_of_json_document(doc: Any, path: Path) -> list[Any]:
 
 def _read_json(path: Path, pos: _Position) -> Iterator[tuple[int, Any]]:
     # A JSON array cannot be streamed with the standard library; corpora shipped as .json are small enough.
-    stream, raw = _open_binary(path)
-    with stream, raw:
-        data = stream.read()
-        pos.done = raw.tell()
+    data = _read_whole(path, pos)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -386,11 +383,16 @@ def _read_parquet(path: Path, pos: _Position) -> Iterator[tuple[int, Any]]:
         pos.done = size * row // total
 
 
-def _read_text(path: Path, pos: _Position) -> Iterator[tuple[int, Any]]:
+def _read_whole(path: Path, pos: _Position) -> bytes:
     stream, raw = _open_binary(path)
     with stream, raw:
         data = stream.read()
         pos.done = raw.tell()
+    return data
+
+
+def _read_text(path: Path, pos: _Position) -> Iterator[tuple[int, Any]]:
+    data = _read_whole(path, pos)
     try:
         yield 1, {"text": _decode(data, str(path))}
     except RowError as e:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +83,7 @@ class _Plan:
     prompts: list[str]
     char_ends: list[int]
     contents: list[str]
+    cuts: list[int]  # per prompt: end of its last special token (0 if none); only prompt[cut:] is tokenized again
 
 
 class Encoder:
@@ -140,7 +141,8 @@ class Encoder:
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if self.options.train_turns == "last":
             turns = turns[-1:]
-        prompts, ends, contents = [], [], []
+        prompts, ends, contents, cuts = [], [], [], []
+        special_ends = [m.end() for m in self._special_re.finditer(full)] if self._special_re is not None else []
         for k in turns:
             try:
                 prompt = render(messages[:k], add_generation_prompt=True)
@@ -164,20 +166,39 @@ class Encoder:
             prompts.append(prompt)
             ends.append(len(prompt) + len(turn_text))
             contents.append(messages[k]["content"])
-        return _Plan(record, full, prompts, ends, contents)
+            at = bisect_right(special_ends, len(prompt))
+            cuts.append(special_ends[at - 1] if at else 0)
+        return _Plan(record, full, prompts, ends, contents, cuts)
 
-    def _finish(self, plan: _Plan, full_enc: Any, prompt_encs: list[Any]) -> Encoded | Problem:
+    def _prompt_length(self, plan: _Plan, turn: int, ids: list[int], offsets: list[tuple[int, int]],
+                       starts: list[int], tail_ids: list[int]) -> tuple[int, list[int] | None]:
+        """Number of tokens of ``tok(P_k)`` when it is a token prefix of ``ids``; else ``(-1, tok(P_k))``.
+
+        Fast path: HF tokenizers split text at added special tokens first and tokenize the pieces independently,
+        so when ``ids`` has a token boundary right after ``P_k``'s last special token (at ``cut``), ``tok(P_k)`` is
+        ``ids[:j]`` followed by ``tok(P_k[cut:])`` — only that tail needs tokenizing. Anything else (no boundary at
+        ``cut``, tail mismatch: e.g. an added token that strips whitespace) falls back to tokenizing the whole prompt.
+        """
+        cut = plan.cuts[turn]
+        j = bisect_left(starts, cut)
+        if (cut == 0 or (j > 0 and offsets[j - 1][1] == cut)) and ids[j:j + len(tail_ids)] == tail_ids:
+            return j + len(tail_ids), None
+        prompt_ids = self.backend.encode(plan.prompts[turn], add_special_tokens=False).ids
+        if ids[:len(prompt_ids)] == prompt_ids:
+            return len(prompt_ids), None
+        return -1, prompt_ids
+
+    def _finish(self, plan: _Plan, full_enc: Any, tail_encs: list[Any]) -> Encoded | Problem:
         record = plan.record
         where = (record.source, record.row, "render")
         ids = full_enc.ids
         offsets = full_enc.offsets
         starts = [o[0] for o in offsets]
         spans: list[tuple[int, int]] = []
-        for turn, (prompt_enc, char_end) in enumerate(zip(prompt_encs, plan.char_ends)):
-            prompt_ids = prompt_enc.ids
-            start = len(prompt_ids)
-            if ids[:start] != prompt_ids:
-                at = next((i for i, (a, b) in enumerate(zip(ids, prompt_ids)) if a != b), min(len(ids), start))
+        for turn, (tail_enc, char_end) in enumerate(zip(tail_encs, plan.char_ends)):
+            start, prompt_ids = self._prompt_length(plan, turn, ids, offsets, starts, tail_enc.ids)
+            if prompt_ids is not None:
+                at = next((i for i, (a, b) in enumerate(zip(ids, prompt_ids)) if a != b), min(len(ids), len(prompt_ids)))
                 return Problem(*where, "serving-prefix-tokens",
                                f"trained turn {turn + 1}: tok(serving prompt) is not a token prefix of input_ids: at token {at} the "
                                f"prompt alone gives {self._pieces(prompt_ids[at:at + 3])} but in context "
@@ -251,7 +272,7 @@ class Encoder:
         chat_inputs: list[str] = []
         for _, plan in plans:
             chat_inputs.append(plan.full)
-            chat_inputs.extend(plan.prompts)
+            chat_inputs.extend(prompt[cut:] for prompt, cut in zip(plan.prompts, plan.cuts))
         encodings = self.backend.encode_batch(chat_inputs, add_special_tokens=False) if chat_inputs else []
         i = 0
         for position, plan in plans:

@@ -80,17 +80,9 @@ def encode_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], lis
 
 
 def tokenizer_block(tokenizer) -> dict:
-    from sftdata.train import tokenizer_fingerprint
+    from sftdata.tokenizer import tokenizer_identity
 
-    return {
-        "name_or_path": tokenizer.name_or_path,
-        "sha256": tokenizer_fingerprint(tokenizer),
-        "class": type(tokenizer).__name__,
-        "vocab_size": len(tokenizer),
-        "bos_token": tokenizer.bos_token,
-        "eos_token": tokenizer.eos_token,
-        "pad_token": tokenizer.pad_token,
-    }
+    return tokenizer_identity(tokenizer)
 
 
 def pack_rows(examples: list[tuple[list[int], list[int]]], per_row: int) -> list[dict]:
