@@ -153,7 +153,7 @@ def main() -> None:
     print(f"eval: {len(detectors['sftdata 8-gram + rephrase'].segments)} segments (GSM8K test, HumanEval, MT-bench); "
           f"planted leaks: {len(leaks)} (200 GSM8K + 100 HumanEval items x {len(KINDS)} kinds); clean rows: {len(all_clean)}")
     leak_records = [x[0] for x in leaks]
-    print(f"\nrecall per leak kind (flagged / planted; 'right item' = flagged with the planted eval item)")
+    print("\nrecall per leak kind (flagged / planted; 'right item' = flagged with the planted eval item)")
     header = f"{'detector':36}" + "".join(f"{k:>15}" for k in KINDS)
     print(header)
     results = {}
@@ -174,7 +174,7 @@ def main() -> None:
               f"(8-gram alone: {sum(results['sftdata 8-gram (>=50% of item)'][i] is not None for i in idx)}, "
               f"13-gram any-overlap: {sum(results['13-gram any-overlap (lm-eval style)'][i] is not None for i in idx)})")
 
-    print(f"\nfalse positives on clean data (rows flagged / rows) and throughput (examples/s per core, CPU time)")
+    print("\nfalse positives on clean data (rows flagged / rows) and throughput (examples/s per core, CPU time)")
     print(f"{'detector':38} {'flagged':>8} {'rate':>8} {'ex/s/core':>10}   per corpus")
     flagged_rows = {}
     for name, dc in detectors.items():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections import Counter, defaultdict
@@ -16,7 +15,7 @@ import xxhash
 
 from sftdata import __version__
 from sftdata.ingest import ReadStats, input_size, parse_columns, read_records
-from sftdata.record import DataError, ProblemLog, Record, Removal
+from sftdata.record import DataError, ProblemLog, Record
 from sftdata.render import EncodeOptions, Encoded, Encoder, truncate
 from sftdata.policy import expand_for_history_policy, plan_history_policy
 from sftdata.templates import load_template
@@ -36,7 +35,6 @@ from sftdata.write import (
 )
 
 DEFAULT_OUTPUT = "sftdata-out"
-AUTO_WORKERS_BYTES = 16 * 2**20  # below this, starting worker processes costs more than it saves
 TRUNCATION = ("right", "drop")
 
 
@@ -130,7 +128,7 @@ def build(
     history_policy: str = "auto",
     allow_unverified: bool = False,
     batch_size: int = 1000,
-    workers: int = 0,
+    workers: int = 1,
     force: bool = False,
     progress: bool = False,
     console: Any = None,
@@ -142,7 +140,7 @@ def build(
     already holds a build with the same fingerprint (input bytes, template, tokenizer, options) nothing is redone
     unless ``force``. ``history_policy`` (auto/split/last/fail) handles templates that render earlier turns
     differently from the final one (Qwen3 thinking); ``allow_unverified`` builds even when the template/tokenizer
-    pair fails the preflight invariant checks. ``workers``: encoder processes (0 = one per core for inputs over 16 MiB, else in-process).
+    pair fails the preflight invariant checks. ``workers``: encoder processes (1 = in-process; on a 2-core machine a pool measured slower, see bench/).
     """
     started = time.perf_counter()
     inputs = [inputs] if isinstance(inputs, (str, Path)) else [str(p) for p in inputs]
@@ -236,7 +234,7 @@ def build(
                             removed_file.write(json.dumps(removal.to_dict(), ensure_ascii=False) + "\n")
                     yield expand_for_history_policy(batch, tpl, history.applied)
 
-            n_workers = workers if workers > 0 else (os.cpu_count() or 1) if total_bytes > AUTO_WORKERS_BYTES else 1
+            n_workers = max(1, workers)
             for examples, batch_problems in encode_batches(cleaned_batches(), encoder, workers=n_workers,
                                                            template=template, tokenizer=tokenizer):
                 problems.extend(batch_problems)

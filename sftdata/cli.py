@@ -82,8 +82,8 @@ def main() -> None:
                    "the last turn, or skip such rows.")
 @click.option("--allow-unverified", is_flag=True,
               help="Build even when the template/tokenizer pair fails the preflight invariant checks.")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Encoder processes; 0 = one per core for inputs over 16 MiB, in-process otherwise.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Encoder processes (1 = in-process). A pool pays off only with more than 2 cores.")
 @click.option("--force", is_flag=True, help="Rebuild even when the output is up to date.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @reports_errors

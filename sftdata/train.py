@@ -134,7 +134,6 @@ def load_split(data_dir: str | Path, manifest: dict[str, Any], split: str) -> Sp
     Rows without a single trained target are dropped here (an all-``-100`` batch gives ``0/0 = NaN``).
     """
     import datasets
-    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq

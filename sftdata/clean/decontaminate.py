@@ -31,7 +31,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from sftdata.clean.io import EvalSegment, load_eval_segments
-from sftdata.clean.normalize import Normalizer, record_text, shingle_hashes, token_hashes
+from sftdata.clean.normalize import Normalizer, shingle_hashes, token_hashes
 from sftdata.record import Record, Removal
 
 U64 = np.uint64
