@@ -5,10 +5,11 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import os
 from pathlib import Path
 
 import pytest
+
+from conftest import shared_path
 
 from sftdata.clean import Decontaminator, decontaminate, load_eval_segments
 from sftdata.record import DataError, Message, Record
@@ -161,12 +162,7 @@ def test_decontaminate_api_and_cli(eval_file, tmp_path):
 
 
 def _shared(name: str) -> Path:
-    p = SHARED / "data" / name
-    if not p.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{p} is missing (CI must provide ../shared)")
-        pytest.skip(f"{p} not available")
-    return p
+    return shared_path("data", name)
 
 
 def test_real_eval_sets_planted_leaks():

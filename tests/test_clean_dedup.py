@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import shared_path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -340,12 +341,7 @@ def test_cli_dedup(tmp_path):
 
 
 def _shared(name: str) -> Path:
-    p = SHARED / "data" / name
-    if not p.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{p} is missing (CI must provide ../shared)")
-        pytest.skip(f"{p} not available")
-    return p
+    return shared_path("data", name)
 
 
 def test_gpteacher_toolformer_near_duplicates_are_verified(tmp_path):

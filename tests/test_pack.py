@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from conftest import shared_path
 
 from sftdata import pack as packmod
 from sftdata.pack import (
@@ -26,12 +27,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 def shared_or_skip(*parts: str) -> Path:
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{path} is missing (CI must have the shared corpora)")
-        pytest.skip(f"{path} not available")
-    return path
+    return shared_path(*parts)
 
 
 def reference_bfd(lengths, capacity):

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
+
+from conftest import shared_path as conftest_shared_path
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -25,14 +25,7 @@ INST_TEMPLATE = (
 )
 
 
-def shared_path(*parts: str) -> Path:
-    """A path under /work/shared; skip when it is missing, but FAIL when ``CI`` is set."""
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{path} is missing (CI is set: shared test data must be present)")
-        pytest.skip(f"{path} not available")
-    return path
+shared_path = conftest_shared_path  # one definition: tests/conftest.py
 
 
 def load_tokenizer(name: str = "mistral-7b-v0.1"):
