@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from functools import wraps
 
 import click
@@ -11,9 +10,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from sftdata import __version__
+from sftdata.cli_output import err_console, fail
 from sftdata.record import DataError
 
-console = Console(stderr=True, highlight=False)
+console = err_console
 
 
 def reports_errors(func):
@@ -24,8 +24,7 @@ def reports_errors(func):
         try:
             return func(*args, **kwargs)
         except DataError as e:
-            console.print(f"[bold red]error:[/] {escape(str(e))}")
-            sys.exit(1)
+            fail(e)
 
     return wrapper
 
@@ -115,8 +114,7 @@ def build_command(inputs, template, tokenizer, output, fmt, columns, strip, max_
     elif not quiet:
         print_summary(manifest, str(result.output))
     if manifest["counts"]["rows_kept"] == 0:
-        console.print("[bold red]error:[/] no example was kept; see the reasons above and problems.jsonl")
-        sys.exit(1)
+        fail("no example was kept; see the reasons above and problems.jsonl")
 
 
 def print_summary(manifest: dict, output: str) -> None:

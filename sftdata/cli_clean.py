@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from sftdata.cli_output import err_console, fail
 from sftdata.record import DataError
 
-_err = Console(stderr=True)
+_err = err_console
 
 
 def _progress(total: int, label: str) -> Progress:
@@ -34,17 +34,14 @@ def _print_summary(result: dict, title: str) -> None:
     _err.print(table)
     for kind, examples in result.get("problems", {}).items():
         for p in examples[:3]:
-            _err.print(f"[yellow]{p['source']}:{p['row']}: [{p['stage']}/{p['kind']}] {p['detail']}")
-    _err.print(f"kept rows -> {result['output']}" + (f"; removed rows -> {result['report']}" if result["report"] else ""))
+            tag = f"[{p['stage']}/{p['kind']}]"
+            _err.print(f"[yellow]{escape(p['source'])}:{p['row']}: {escape(tag)} {escape(p['detail'])}")
+    removed = f"; removed rows -> {result['report']}" if result["report"] else ""
+    _err.print(escape(f"kept rows -> {result['output']}{removed}"))
 
 
 def _sizes(paths) -> int:
     return sum(Path(p).stat().st_size for p in paths if Path(p).is_file())
-
-
-def _fail(e: Exception) -> None:
-    _err.print(f"[red]error:[/red] {e}")
-    sys.exit(1)
 
 
 @click.command("dedup")
@@ -75,7 +72,7 @@ def dedup(inputs, output, report, threshold, num_perm, ngram, no_near, no_exact,
                          near=not no_near, threshold=threshold, num_perm=num_perm, ngram=ngram, normalize=normalize,
                          seed=seed, on_error=on_error, progress=lambda n: bar.advance(task, n))
     except (DataError, ValueError, OSError) as e:
-        _fail(e)
+        fail(e)
     _print_summary(result, "sftdata dedup")
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
@@ -112,7 +109,7 @@ def decontaminate(inputs, eval_paths, fields, output, report, ngram, min_overlap
                          rephrase_threshold=rephrase_threshold, normalize=normalize, on_error=on_error,
                          progress=lambda n: bar.advance(task, n))
     except (DataError, ValueError, OSError) as e:
-        _fail(e)
+        fail(e)
     _print_summary(result, "sftdata decontaminate")
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))

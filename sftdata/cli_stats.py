@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
+
+from sftdata.cli_output import fail
 
 
 @click.command("stats")
@@ -26,8 +27,7 @@ def stats_command(directory, html_file, png_file, as_json, color):
     try:
         report = stats(directory)
     except (FileNotFoundError, ValueError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
+        fail(e)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

@@ -5,20 +5,16 @@ torch, peft and bitsandbytes are imported only when a command runs (the core ins
 
 from __future__ import annotations
 
-import sys
 
 import click
+
+from sftdata.cli_output import fail
 
 
 def _console():
     from rich.console import Console
 
     return Console(stderr=False)
-
-
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
 
 
 @click.command("train")
@@ -75,7 +71,7 @@ def train_command(data_dir, model, output, tokenizer, resume, quiet, **options):
     try:
         require_train_deps(options["method"])
     except TrainError as e:
-        _fail(str(e))
+        fail(e, exit_code=2)
     from sftdata.train import train
 
     console = _console()
@@ -83,7 +79,7 @@ def train_command(data_dir, model, output, tokenizer, resume, quiet, **options):
         result = train(data_dir, model, output, tokenizer=tokenizer, config=TrainConfig(**options),
                        resume=resume, progress=not quiet, console=console)
     except TrainError as e:
-        _fail(str(e))
+        fail(e, exit_code=2)
     from rich.table import Table
 
     table = Table(title="sftdata train — summary", show_header=False)
@@ -112,7 +108,7 @@ def merge_command(adapter_dir, output, base_model, dtype):
 
         path = merge(adapter_dir, output, base_model=base_model, dtype=dtype)
     except TrainError as e:
-        _fail(str(e))
+        fail(e, exit_code=2)
     click.echo(f"merged model written to {path}")
 
 
@@ -142,7 +138,7 @@ def memory_command(params, model_config, lora_r, target_modules, optim, no_doubl
         else:
             rows = default_table(**kw)
     except ValueError as e:
-        _fail(str(e))
+        fail(e, exit_code=2)
     if as_json:
         click.echo(json.dumps([{"model": name, "estimates": [e.to_dict() for e in est]} for name, est in rows],
                               indent=2))

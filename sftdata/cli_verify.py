@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sftdata.policy import HISTORY_POLICIES
+from sftdata.cli_output import fail
 from sftdata.record import DataError
 
 _STYLE = {"pass": "[green]pass[/]", "fail": "[bold red]FAIL[/]", "skip": "[dim]skip[/]"}
@@ -41,13 +42,11 @@ def verify_command(tokenizer, template, history_policy, special_text, as_json, v
     from sftdata.tokenizer import load_tokenizer
     from sftdata.verify import verify
 
-    err = Console(stderr=True, highlight=False)
     try:
         tok = load_tokenizer(tokenizer, template=template)
         report = verify(tok, template, history_policy=history_policy, options=EncodeOptions(special_text=special_text))
     except DataError as e:
-        err.print(f"[bold red]error:[/] {e}")
-        sys.exit(2)
+        fail(e, exit_code=2)
     if as_json:
         click.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
         sys.exit(0 if report.ok else 1)

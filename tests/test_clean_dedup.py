@@ -336,6 +336,19 @@ def test_cli_dedup(tmp_path):
     assert res.exit_code == 1 and "missing.jsonl" in res.output
 
 
+def test_cli_dedup_names_bad_rows_with_their_kind(tmp_path):
+    # Regression: "[ingest/missing-field]" was passed to rich as markup and vanished from the message.
+    from click.testing import CliRunner
+
+    from sftdata.cli_clean import dedup as dedup_cmd
+
+    src = tmp_path / "in.jsonl"
+    _write_jsonl(src, [{"instruction": "a", "output": "b"}, {"instruction": "x"}])
+    res = CliRunner().invoke(dedup_cmd, [str(src), "--format", "alpaca", "-o", str(tmp_path / "o.jsonl")])
+    assert res.exit_code == 0, res.output
+    assert f"{src}:2: [ingest/missing-field] missing field 'output'" in res.output
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # real corpus (GPTeacher holds near duplicates)
 

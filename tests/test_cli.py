@@ -56,6 +56,16 @@ def test_missing_input_and_unknown_template(tmp_path):
     assert result.exit_code == 1 and "unknown template 'nosuch'" in result.output
 
 
+def test_error_message_is_one_line_however_long_the_path(tmp_path):
+    # Regression: rich wrapped "error: ..." at 80 columns, so a long CI checkout path split the message mid-phrase.
+    deep = tmp_path / ("a-directory-name-long-enough-to-push-the-message-past-eighty-columns" * 2)
+    missing = deep / "nope.jsonl"
+    result = CliRunner().invoke(main, ["build", str(missing), "-q"])
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0]
+
+
 def test_help_lists_commands():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
