@@ -12,7 +12,6 @@ from typing import Any, Iterator
 
 import pyarrow.parquet as pq
 from rich.console import Console, Group
-from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
@@ -169,7 +168,8 @@ def show(
 ) -> list[dict[str, Any]]:
     """Print ``count`` rows starting at ``row``; returns the rows shown."""
     manifest = read_manifest(directory)
-    console = console or Console(no_color=(color is False), highlight=False)
+    # soft_wrap: lines are never broken by rich (the terminal wraps them), so output is the same at any width
+    console = console or Console(no_color=(color is False), highlight=False, soft_wrap=True)
     use_color = color if color is not None else console.color_system is not None
     tokenizer = _tokenizer_for(manifest)
     if tokenizer is None:
@@ -178,7 +178,7 @@ def show(
     console.print(f"{OPEN}trained{CLOSE} tokens are the loss targets (green); the rest are -100 (red). "
                   "· space  ↵ newline  → tab", style="dim")
     for r in rows:
-        parts: list[Any] = [Rule(header(r), style="cyan")]
+        parts: list[Any] = [Text(f"── {header(r)} ──", style="cyan")]
         parts.append(ids_table(r, tokenizer) if ids else render_row(r, tokenizer, color=use_color))
         console.print(Group(*parts))
     return rows

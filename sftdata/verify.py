@@ -252,6 +252,14 @@ class Skeleton:
         body = "(.*?)".join(re.escape(s) for s in self.separators)
         return re.compile(body, re.S)
 
+    @property
+    def loose_pattern(self) -> re.Pattern:
+        """The pattern with the whitespace at each separator's edges made optional: templates that strip a whole
+        block (Llama-2 strips system + user together, so an empty user message takes the ``\n\n`` after
+        ``<</SYS>>`` with it) write a separator with less whitespace than the skeleton learned."""
+        body = "(.*?)".join(r"\s*" + re.escape(s.strip()) + r"\s*" for s in self.separators)
+        return re.compile(body, re.S)
+
 
 _SKELETONS: dict[tuple, Skeleton | None] = {}
 
@@ -335,13 +343,20 @@ def parse_rendered(template: ChatTemplate, text: str, roles: list[str] | tuple[s
     as the template wrote them (after its whitespace rule, e.g. Llama-3/Gemma ``trim``).
     """
     shapes = [tuple(roles)] if roles is not None else _candidate_shapes(template, text)
-    for shape in shapes:
-        sk = skeleton(template, shape)
-        if sk is None or not text.startswith(sk.separators[0]) or not text.endswith(sk.separators[-1]):
-            continue
-        match = sk.pattern.fullmatch(text)
+    skeletons = [sk for sk in (skeleton(template, shape) for shape in shapes) if sk is not None]
+    for sk in skeletons:
+        if text.startswith(sk.separators[0]) and text.endswith(sk.separators[-1]):
+            match = sk.pattern.fullmatch(text)
+            if match is not None:
+                return [{"role": r, "content": c} for r, c in zip(sk.roles, match.groups())]
+    # Second chance, whitespace-tolerant: accepted only when the parse renders back to exactly ``text``.
+    for sk in skeletons:
+        match = sk.loose_pattern.fullmatch(text)
         if match is not None:
-            return [{"role": r, "content": c} for r, c in zip(shape, match.groups())]
+            parsed = [{"role": r, "content": c} for r, c in zip(sk.roles, match.groups())]
+            rendered, _ = _render(template, parsed)
+            if rendered == text:
+                return parsed
     return None
 
 

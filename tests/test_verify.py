@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from sftdata.record import Message, Record
 from sftdata.render import EncodeOptions, Encoder
 from sftdata.templates import load_template
-from sftdata.verify import SUITE, preflight, verify
+from sftdata.verify import SUITE, parse_rendered, preflight, verify
 from template_helpers import TOKENIZERS, gemma_standin, phi3_standin, require_shared, shared_tokenizer
 
 
@@ -93,6 +93,21 @@ def test_phi3_with_rstrip_added_tokens():
     assert problems == []
     assert example.input_ids == [32002, 1739, 6817, 28723, 32003, 32004, 15359, 32003, 32001, 22557, 736, 13, 32003, 32000]
     assert example.labels == [-100] * 9 + [22557, 736, 13, 32003, 32000]
+
+
+def test_round_trip_when_the_template_strips_a_separator_away():
+    # Hypothesis counterexample: Llama-2 strips system block + user content together, so with an empty user message
+    # the "\n\n" after <</SYS>> disappears and the learned separators no longer match literally.
+    tok = shared_tokenizer("mistral-7b-v0.1")
+    template = load_template("llama2", tok)
+    messages = [{"role": "system", "content": "0 0"}, {"role": "user", "content": ""}, {"role": "assistant", "content": "0 0"}]
+    text = template.render(messages)
+    assert text == "<s>[INST] <<SYS>>\n0 0\n<</SYS>> [/INST] 0 0 </s>"
+    assert parse_rendered(template, text, ["system", "user", "assistant"]) == messages
+    # without the roles the text is truly ambiguous: a user message "<<SYS>>\n0 0\n<</SYS>>" renders the same
+    assert template.render(parse_rendered(template, text)) == text
+    # the loose parse is only accepted when it renders back to the same text
+    assert parse_rendered(template, text.replace("<</SYS>> [/INST]", "<</SYS>>  [/INST]"), ["system", "user", "assistant"]) is None
 
 
 def test_preflight_takes_the_build_encoder():
