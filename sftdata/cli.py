@@ -167,7 +167,7 @@ def show_command(directory, row, count, split, ids, color):
     """Show built rows token by token: ⟦trained⟧ tokens in green, masked (-100) tokens in red."""
     from sftdata.show import show
 
-    out = Console(highlight=False, no_color=(color is False), force_terminal=True if color else None, soft_wrap=True)
+    out = Console(highlight=False, no_color=(color is False), force_terminal=True if color else None)
     show(directory, row=row, count=count, split=split, ids=ids, color=color, console=out)
 
 

@@ -168,19 +168,19 @@ def show(
 ) -> list[dict[str, Any]]:
     """Print ``count`` rows starting at ``row``; returns the rows shown."""
     manifest = read_manifest(directory)
-    # soft_wrap: lines are never broken by rich (the terminal wraps them), so output is the same at any width
-    console = console or Console(no_color=(color is False), highlight=False, soft_wrap=True)
+    console = console or Console(no_color=(color is False), highlight=False)
     use_color = color if color is not None else console.color_system is not None
     tokenizer = _tokenizer_for(manifest)
     if tokenizer is None:
         console.print(f"[yellow]tokenizer {manifest['tokenizer'].get('name_or_path')!r} not found; showing ids only[/]")
     rows = load_rows(directory, split, row, count)
     console.print(f"{OPEN}trained{CLOSE} tokens are the loss targets (green); the rest are -100 (red). "
-                  "· space  ↵ newline  → tab", style="dim")
+                  "· space  ↵ newline  → tab", style="dim", soft_wrap=True)
     for r in rows:
         parts: list[Any] = [Text(f"── {header(r)} ──", style="cyan")]
         parts.append(ids_table(r, tokenizer) if ids else render_row(r, tokenizer, color=use_color))
-        console.print(Group(*parts))
+        # soft_wrap: rich never breaks a line (the terminal does), so the output is the same at any width
+        console.print(Group(*parts), soft_wrap=True)
     return rows
 
 

@@ -12,8 +12,8 @@ from conftest import REPO
 CHAT = str(REPO / "examples" / "data" / "chat.jsonl")
 
 
-def capture(directory, **kwargs) -> str:
-    console = Console(record=True, width=100, color_system=None)
+def capture(directory, width=100, **kwargs) -> str:
+    console = Console(record=True, width=width, color_system=None)
     show(directory, console=console, color=False, **kwargs)
     return console.export_text()
 
@@ -25,6 +25,16 @@ def test_show_single_row_marks_every_trained_run(tmp_path):
     body = text.split("\n", 1)[1]  # after the legend line
     assert body.count("⟦") == body.count("⟧") == 2  # two assistant turns in the first conversation
     assert "<|im_start|>user↵\nWho·are·you?<|im_end|>↵" in text
+
+
+def test_show_never_breaks_lines_at_the_console_width(tmp_path):
+    # Regression: the row header (with the source path) and long token lines were wrapped at the console width,
+    # so the same row printed differently in a deeper checkout.
+    build([CHAT], output=tmp_path / "o")
+    lines = capture(tmp_path / "o", width=30, row=0).splitlines()
+    assert lines[1] == f"── row 0 · {CHAT}:1 · 53 tokens · 26 trained · truncated: no ──"
+    assert lines[5] == ("⟦I·am·Vicuna,·a·language·model·trained·by·researchers·from·Large·Model·Systems·Organization·"
+                        "(LMSYS).<|im_end|>⟧↵")
 
 
 def test_show_marks_pack_boundaries(tmp_path):
