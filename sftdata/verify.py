@@ -538,7 +538,7 @@ def _check_example(template, tokenizer, backend, ex, example, trained, eot) -> s
         content = example[k]["content"]
         if sk is not None:
             content = sk.normalize(k, content)
-        expected = _strip_beside_absorbing_tokens(scaffold + content + eot, tokenizer)
+        expected = strip_beside_absorbing_tokens(scaffold + content + eot, tokenizer)
         # modulo NFC: tokenizers with an NFC normalizer (Qwen, Llama-3) decode composed characters
         if unicodedata.normalize("NFC", decoded.strip()) != unicodedata.normalize("NFC", expected.strip()):
             return (f"turn {k}: decoded trained tokens != template-generated text + end marker: "
@@ -546,7 +546,7 @@ def _check_example(template, tokenizer, backend, ex, example, trained, eot) -> s
     return None
 
 
-def _strip_beside_absorbing_tokens(text: str, tokenizer: Any) -> str:
+def strip_beside_absorbing_tokens(text: str, tokenizer: Any) -> str:
     """``text`` as an added token with ``rstrip``/``lstrip`` (Phi-3's ``<|end|>``) decodes it: the whitespace on that
     side of each occurrence is swallowed at tokenization and never comes back. Written from the AddedToken flags, not
     from token offsets, so this check stays independent of the encoder's."""

@@ -1,5 +1,5 @@
 """Property tests (hypothesis): random conversations with unicode / whitespace content, every built-in template on
-the real tokenizers of its family (Gemma on a stand-in vocabulary with its markers), asserting I1-I4 and the round
+the real tokenizers of its family (Gemma and Phi-3 on stand-in vocabularies with their markers), asserting I1-I4 and the round
 trip. A row may be refused only with a reason from a known list, and ordinary rows (content that starts and ends with
 a letter or digit, NFC) must always encode."""
 
@@ -15,12 +15,12 @@ from sftdata.policy import expand_for_history_policy, plan_history_policy
 from sftdata.record import Message, Record
 from sftdata.render import IGNORE_INDEX, EncodeOptions, Encoder
 from sftdata.templates import load_template
-from sftdata.verify import parse_rendered, skeleton
-from template_helpers import gemma_standin, shared_tokenizer
+from sftdata.verify import parse_rendered, skeleton, strip_beside_absorbing_tokens
+from template_helpers import gemma_standin, phi3_standin, shared_tokenizer
 
 PAIRS = [("chatml", "qwen3"), ("qwen3", "qwen3"), ("llama3", "llama3_1"), ("tokenizer", "llama3_1"),
          ("mistral", "mistral-7b-v0.1"), ("zephyr", "mistral-7b-v0.1"), ("llama2", "mistral-7b-v0.1"),
-         ("phi3", "mistral-7b-v0.1"), ("gemma", "gemma-standin")]
+         ("phi3", "mistral-7b-v0.1"), ("phi3", "phi3-standin"), ("gemma", "gemma-standin")]
 ALLOWED = {"serving-prefix-tokens", "decode-mismatch", "boundary-inside-token", "empty-turn", "content-mismatch"}
 
 WORD = st.text(alphabet=st.characters(categories=("L", "N"), exclude_characters="ªº"), min_size=1, max_size=8)
@@ -32,7 +32,8 @@ EDGE = st.one_of(ORDINARY, st.text(alphabet=st.characters(blacklist_categories=(
 
 
 def _tok(name):
-    return gemma_standin() if name == "gemma-standin" else shared_tokenizer(name)
+    standins = {"gemma-standin": gemma_standin, "phi3-standin": phi3_standin}
+    return standins[name]() if name in standins else shared_tokenizer(name)
 
 
 @st.composite
@@ -76,9 +77,10 @@ def _check(name, tokname, messages, ordinary):
             assert full.startswith(prompt)  # I2 (text)
             assert ids[:s] == backend.encode(prompt, add_special_tokens=False).ids  # I2 (tokens)
             decoded = backend.decode(ids[s:e], skip_special_tokens=False)
-            content = sk.normalize(k, msgs[k]["content"])
-            assert decoded.rstrip().endswith(template.end_of_turn.strip())  # I4: end marker trained
-            assert unicodedata.normalize("NFC", content.strip()) in unicodedata.normalize("NFC", decoded)  # I4
+            content = strip_beside_absorbing_tokens(sk.normalize(k, msgs[k]["content"]).strip(), tok)
+            end_of_turn = strip_beside_absorbing_tokens(template.end_of_turn.strip(), tok)
+            assert decoded.rstrip().endswith(end_of_turn)  # I4: end marker trained
+            assert unicodedata.normalize("NFC", content) in unicodedata.normalize("NFC", decoded)  # I4
             inside.update(range(s, e))
         assert all((lab == t) if i in inside else (lab == IGNORE_INDEX)
                    for i, (t, lab) in enumerate(zip(ex.input_ids, ex.labels)))  # I3
