@@ -194,6 +194,7 @@ def build(
         if existing.get("fingerprint") == key:
             return BuildResult(output, existing, up_to_date=True)
 
+    data_started = time.perf_counter()  # setup (tokenizer load, template preflight, input hashes) ends here
     problems = ProblemLog(on_error=on_error)
     removed: Counter[str] = Counter()
     stats: list[ReadStats] = []
@@ -308,6 +309,7 @@ def build(
             "warnings": warnings,
             "problems": problems.to_dict()["examples"],
             "seconds": round(time.perf_counter() - started, 3),
+            "seconds_setup": round(data_started - started, 3),
         }
         write_manifest(tmp, manifest)
         commit_dir(tmp, output)

@@ -143,7 +143,10 @@ def print_summary(manifest: dict, output: str) -> None:
         for split, info in manifest["packing"].items():
             table.add_row(f"packing fill ({split})", f"{info.get('fill_ratio', 0):.4f}")
     seconds = manifest.get("seconds") or 0
-    table.add_row("time", f"{seconds:.1f} s ({tokens['total'] / seconds:,.0f} tokens/s)" if seconds else "-")
+    setup = manifest.get("seconds_setup") or 0
+    data = seconds - setup
+    rate = f" at {tokens['total'] / data:,.0f} tokens/s" if data > 0 else ""
+    table.add_row("time", f"{seconds:.1f} s (setup {setup:.1f} s, data {data:.1f} s{rate})" if seconds else "-")
     console.print(table)
     shown = 0
     for kind, examples in manifest.get("problems", {}).items():
