@@ -164,14 +164,15 @@ def print_summary(manifest: dict, output: str) -> None:
 @click.option("--count", "-n", type=click.IntRange(min=1), default=1, show_default=True, help="How many rows.")
 @click.option("--split", default="train", show_default=True)
 @click.option("--ids", is_flag=True, help="Show a table of token index, id, text and label instead of the stream.")
+@click.option("--sep", default="", metavar="TEXT", help="Text printed between tokens, e.g. '|', to see token boundaries.")
 @click.option("--color/--no-color", default=None, help="Force colour on or off (default: when the terminal has it).")
 @reports_errors
-def show_command(directory, row, count, split, ids, color):
+def show_command(directory, row, count, split, ids, sep, color):
     """Show built rows token by token: ⟦trained⟧ tokens in green, masked (-100) tokens in red."""
     from sftdata.show import show
 
     out = Console(highlight=False, no_color=(color is False), force_terminal=True if color else None)
-    show(directory, row=row, count=count, split=split, ids=ids, color=color, console=out)
+    show(directory, row=row, count=count, split=split, ids=ids, separator=sep, color=color, console=out)
 
 
 @main.command("templates")

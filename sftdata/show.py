@@ -80,8 +80,8 @@ def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
     return pieces
 
 
-def render_row(row: dict[str, Any], tokenizer: Any, *, color: bool = True) -> Text:
-    """The token stream of one row as rich Text (trained runs in ⟦ ⟧)."""
+def render_row(row: dict[str, Any], tokenizer: Any, *, color: bool = True, separator: str = "") -> Text:
+    """The token stream of one row as rich Text (trained runs in ⟦ ⟧; ``separator`` between tokens)."""
     ids, labels = row["input_ids"], row["labels"]
     pieces = token_pieces(tokenizer, ids)
     specials = set(tokenizer.all_special_ids) if tokenizer is not None else set()
@@ -97,12 +97,14 @@ def render_row(row: dict[str, Any], tokenizer: Any, *, color: bool = True) -> Te
             where = f" · {row['source'][n]}:{row['row'][n]}" if isinstance(row.get("source"), list) else ""
             text.append(f"\n──── example {n + 1}{where} starts (position_ids restart) ────\n", style="bold yellow")
         trained = label != IGNORE_INDEX
+        if not trained and trained_open:
+            text.append(CLOSE, style=TRAINED_STYLE)
+            trained_open = False
+        if separator and i > 0 and i not in boundaries:
+            text.append(separator, style="dim" if color else None)
         if trained and not trained_open:
             text.append(OPEN, style=TRAINED_STYLE)
             trained_open = True
-        elif not trained and trained_open:
-            text.append(CLOSE, style=TRAINED_STYLE)
-            trained_open = False
         style = TRAINED_STYLE if trained else MASKED_STYLE
         if token_id in specials:
             style += " bold reverse" if color else ""
@@ -163,10 +165,12 @@ def show(
     count: int = 1,
     split: str = "train",
     ids: bool = False,
+    separator: str = "",
     color: bool | None = None,
     console: Console | None = None,
 ) -> list[dict[str, Any]]:
-    """Print ``count`` rows starting at ``row``; returns the rows shown."""
+    """Print ``count`` rows starting at ``row``; returns the rows shown. ``separator`` (e.g. ``"|"``) is printed
+    between tokens so token boundaries are visible without colour."""
     manifest = read_manifest(directory)
     console = console or Console(no_color=(color is False), highlight=False)
     use_color = color if color is not None else console.color_system is not None
@@ -178,7 +182,7 @@ def show(
                   "· space  ↵ newline  → tab", style="dim", soft_wrap=True)
     for r in rows:
         parts: list[Any] = [Text(f"── {header(r)} ──", style="cyan")]
-        parts.append(ids_table(r, tokenizer) if ids else render_row(r, tokenizer, color=use_color))
+        parts.append(ids_table(r, tokenizer) if ids else render_row(r, tokenizer, color=use_color, separator=separator))
         # soft_wrap: rich never breaks a line (the terminal does), so the output is the same at any width
         console.print(Group(*parts), soft_wrap=True)
     return rows

@@ -37,6 +37,18 @@ def test_show_never_breaks_lines_at_the_console_width(tmp_path):
                         "(LMSYS).<|im_end|>⟧↵")
 
 
+def test_show_separator_marks_every_token_boundary(tmp_path):
+    build([CHAT], output=tmp_path / "o")
+    lines = capture(tmp_path / "o", row=0, separator="|").splitlines()
+    assert lines[2:6] == [
+        "<|im_start|>|user|↵",
+        "|Who|·are|·you|?|<|im_end|>|↵",
+        "|<|im_start|>|assistant|↵",
+        "|⟦I|·am|·Vic|una|,|·a|·language|·model|·trained|·by|·researchers|·from|·Large|·Model|·Systems|·Organization|·(|L|MS"
+        "|YS|).|<|im_end|>⟧|↵",
+    ]
+
+
 def test_show_marks_pack_boundaries(tmp_path):
     build([CHAT], output=tmp_path / "p", pack=True, max_length=512)
     text = capture(tmp_path / "p", row=0)
