@@ -87,7 +87,10 @@ def main() -> None:
     with torch.no_grad():
         out2 = merged_model.generate(input_ids=ids, max_new_tokens=24, do_sample=False)
         gap = (model(input_ids=ids).logits - merged_model(input_ids=ids).logits).abs().max().item()
-    print(f"merged model: same greedy tokens = {torch.equal(out, out2)}, max |logit difference| = {gap:.2e}")
+    same = torch.equal(out, out2)
+    print(f"merged model: same greedy tokens = {same}, max |logit difference| = {gap:.2e}")
+    if not same or gap > 1e-4:
+        sys.exit("the merged model does not match the adapter model")
 
 
 if __name__ == "__main__":
