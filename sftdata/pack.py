@@ -37,6 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from sftdata.arrays import concat_ranges
+
 IGNORE_INDEX = -100
 
 PACKED_SCHEMA = pa.schema([
@@ -234,12 +236,9 @@ def _bfd_batches(table: pa.Table, max_length: int, seed: int | None, chunk_token
     per_chunk = max(1, chunk_tokens // max_length)
     for start in range(0, n_bins, per_chunk):
         chosen = bin_order[start:start + per_chunk]
-        counts = offsets[chosen + 1] - offsets[chosen]
-        seg_offsets = np.zeros(chosen.size + 1, np.int64)
-        np.cumsum(counts, out=seg_offsets[1:])
         # example indices of the chosen bins, bin after bin
-        within = np.arange(int(seg_offsets[-1])) - np.repeat(seg_offsets[:-1], counts)
-        example_idx = items[np.repeat(offsets[chosen], counts) + within]
+        positions, seg_offsets = concat_ranges(offsets[chosen], offsets[chosen + 1])
+        example_idx = items[positions]
         segments = table.take(pa.array(example_idx))
         yield _rows(segments, lengths[example_idx], seg_offsets, _flat(segments["input_ids"]), _flat(segments["labels"]))
 
@@ -261,11 +260,7 @@ def _block_batches(table: pa.Table, max_length: int, seed: int | None, chunk_tok
     per_chunk = max(1, chunk_tokens // max_length)
     for start in range(0, n_blocks, per_chunk):
         chosen = block_order[start:start + per_chunk]
-        counts = block_seg_offsets[chosen + 1] - block_seg_offsets[chosen]
-        seg_offsets = np.zeros(chosen.size + 1, np.int64)
-        np.cumsum(counts, out=seg_offsets[1:])
-        within = np.arange(int(seg_offsets[-1])) - np.repeat(seg_offsets[:-1], counts)
-        segs = np.repeat(block_seg_offsets[chosen], counts) + within
+        segs, seg_offsets = concat_ranges(block_seg_offsets[chosen], block_seg_offsets[chosen + 1])
         docs = seg_doc[segs]
         seg_lengths = seg_end[segs] - seg_begin[segs]
         # tokens of each segment: slice of its document
@@ -273,8 +268,7 @@ def _block_batches(table: pa.Table, max_length: int, seed: int | None, chunk_tok
         sub = table.take(pa.array(used_docs))
         sub_starts = np.concatenate(([0], np.cumsum(lengths[used_docs])))
         seg_src = sub_starts[inverse] + (seg_begin[segs] - doc_starts[docs])  # first token of each piece in `sub`
-        seg_first = np.concatenate(([0], np.cumsum(seg_lengths)[:-1]))
-        gather = np.repeat(seg_src - seg_first, seg_lengths) + np.arange(int(seg_lengths.sum()))
+        gather, _ = concat_ranges(seg_src, seg_src + seg_lengths)
         ids, labels = _flat(sub["input_ids"])[gather], _flat(sub["labels"])[gather]
         yield _rows(sub.take(pa.array(inverse)), seg_lengths, seg_offsets, ids, labels)
 

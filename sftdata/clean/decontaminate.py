@@ -30,6 +30,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from sftdata.arrays import concat_ranges
 from sftdata.clean.io import EvalSegment, load_eval_segments
 from sftdata.clean.normalize import Normalizer, shingle_hashes, token_hashes
 from sftdata.record import Record, Removal
@@ -89,11 +90,8 @@ class _GramIndex:
 
     def expand(self, rows: np.ndarray, key_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For (row, key) hits, all (row, segment) pairs through the postings."""
-        counts = self.post_off[key_ids + 1] - self.post_off[key_ids]
-        total = int(counts.sum())
-        rep_rows = np.repeat(rows, counts)
-        base = np.repeat(self.post_off[key_ids] - (np.cumsum(counts) - counts), counts)
-        return rep_rows, self.post_seg[base + np.arange(total)]
+        postings, offsets = concat_ranges(self.post_off[key_ids], self.post_off[key_ids + 1])
+        return np.repeat(rows, np.diff(offsets)), self.post_seg[postings]
 
 
 class Decontaminator:
@@ -296,13 +294,11 @@ class Decontaminator:
         rows, tids = np.divmod(hitcode, T)
         rare = self._term_rare[tids]
         rows, tids = rows[rare], tids[rare]
-        counts = self._post_off[tids + 1] - self._post_off[tids]
-        total = int(counts.sum())
-        if total == 0:
+        postings, offsets = concat_ranges(self._post_off[tids], self._post_off[tids + 1])
+        if postings.size == 0:
             return
-        r = np.repeat(rows, counts)
-        base = np.repeat(self._post_off[tids] - (np.cumsum(counts) - counts), counts)
-        sg = self._post_seg[base + np.arange(total)]
+        r = np.repeat(rows, np.diff(offsets))
+        sg = self._post_seg[postings]
         nseg = len(self.segments)
         pair, cnt = np.unique(r * nseg + sg, return_counts=True)
         pr, ps = np.divmod(pair, nseg)
@@ -312,10 +308,10 @@ class Decontaminator:
             return
         pr, ps = pr[ok], ps[ok]
         # exact weighted score of every candidate (row, segment): which of the segment's terms the row has
-        lens = self._seg_term_off[ps + 1] - self._seg_term_off[ps]
+        terms, offsets = concat_ranges(self._seg_term_off[ps], self._seg_term_off[ps + 1])
+        lens = np.diff(offsets)
         cand = np.repeat(np.arange(len(ps)), lens)
-        start = np.repeat(self._seg_term_off[ps] - (np.cumsum(lens) - lens), lens)
-        st = self._seg_term_ids[start + np.arange(int(lens.sum()))]
+        st = self._seg_term_ids[terms]
         q = pr[cand] * T + st
         at = np.searchsorted(hitcode, q)
         at[at == len(hitcode)] = 0
