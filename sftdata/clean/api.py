@@ -38,8 +38,26 @@ class _Report:
             self.file.close()
 
 
-def _result(kind: str, rows_read: int, rows_kept: int, removed: Counter, problems: ProblemLog, output, report,
-            stage_summary: dict[str, Any]) -> dict[str, Any]:
+def _filter_to_file(kind: str, stage: Any, batches: Iterable[list], problems: ProblemLog, output, report) -> dict[str, Any]:
+    """Run ``stage.filter_batch`` over ``batches``: kept rows to ``output``, removals to ``report``; the summary."""
+    writer = RowWriter(output)
+    rep = _Report(report)
+    removed: Counter = Counter()
+    rows_read = rows_kept = 0
+    try:
+        for batch in batches:
+            kept, gone = stage.filter_batch(batch)
+            rows_read += len(batch)
+            rows_kept += len(kept)
+            writer.write(record_row(r) for r in kept)
+            rep.write(gone)
+            removed.update(r.reason for r in gone)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        rep.close()
+    writer.close()
     return {
         "command": kind,
         "rows_read": rows_read,
@@ -49,7 +67,7 @@ def _result(kind: str, rows_read: int, rows_kept: int, removed: Counter, problem
         "problems": problems.to_dict()["examples"],
         "output": str(output),
         "report": str(report) if report else None,
-        "cleaning": stage_summary,
+        "cleaning": stage.summary(),
     }
 
 
@@ -83,26 +101,10 @@ def dedup(
                        progress=progress):
         dd.add_batch(batch)
     dd.finalize()
-    writer = RowWriter(output)
-    rep = _Report(report)
-    removed: Counter = Counter()
-    rows_read = rows_kept = 0
-    try:
-        for batch in _read(inputs, format=format, columns=columns, problems=ProblemLog("skip"),
-                           batch_size=batch_size, progress=progress):
-            kept, gone = dd.filter_batch(batch)
-            rows_read += len(batch)
-            rows_kept += len(kept)
-            writer.write(record_row(r) for r in kept)
-            rep.write(gone)
-            removed.update(r.reason for r in gone)
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        rep.close()
-    writer.close()
-    return _result("dedup", rows_read, rows_kept, removed, problems, output, report, dd.summary())
+    # pass 2 reads again with a throwaway log: bad rows were already reported in pass 1
+    batches = _read(inputs, format=format, columns=columns, problems=ProblemLog("skip"), batch_size=batch_size,
+                    progress=progress)
+    return _filter_to_file("dedup", dd, batches, problems, output, report)
 
 
 def decontaminate(
@@ -128,23 +130,6 @@ def decontaminate(
     dc = Decontaminator(list(eval_paths), fields=fields, ngram=ngram, min_overlap=min_overlap, rephrase=rephrase,
                         rephrase_threshold=rephrase_threshold, normalize=normalize)
     problems = ProblemLog(on_error)
-    writer = RowWriter(output)
-    rep = _Report(report)
-    removed: Counter = Counter()
-    rows_read = rows_kept = 0
-    try:
-        for batch in _read(inputs, format=format, columns=columns, problems=problems, batch_size=batch_size,
-                           progress=progress):
-            kept, gone = dc.filter_batch(batch)
-            rows_read += len(batch)
-            rows_kept += len(kept)
-            writer.write(record_row(r) for r in kept)
-            rep.write(gone)
-            removed.update(r.reason for r in gone)
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        rep.close()
-    writer.close()
-    return _result("decontaminate", rows_read, rows_kept, removed, problems, output, report, dc.summary())
+    batches = _read(inputs, format=format, columns=columns, problems=problems, batch_size=batch_size,
+                    progress=progress)
+    return _filter_to_file("decontaminate", dc, batches, problems, output, report)
