@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from pathlib import Path
 
-import pytest
+from conftest import REPO, SHARED, shared_path
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TOKENIZERS = SHARED / "tokenizers"
-REPO = Path(__file__).resolve().parents[1]
 OFFICIAL = REPO / "fixtures" / "official_templates"
 NEW_TEMPLATES = ("llama3", "mistral", "gemma", "phi3", "zephyr", "qwen3")
 
 
 def require_shared(name: str) -> Path:
-    """The shared tokenizer directory; FAILS under CI when it is missing, skips elsewhere."""
-    path = TOKENIZERS / name
-    if not (path / "tokenizer.json").is_file():
-        message = f"real tokenizer {path} is missing (see ../shared/tokenizers/PROVENANCE.md)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    """The shared tokenizer directory; FAILS under CI when it is missing, skips elsewhere (conftest.shared_path)."""
+    return shared_path("tokenizers", name, "tokenizer.json").parent
 
 
 @lru_cache(maxsize=None)
