@@ -15,28 +15,86 @@ from typing import Any, Iterable
 ROLES = ("system", "user", "assistant", "tool")
 
 
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")  # the names templates in the wild read
+
+
 @dataclass(slots=True)
 class Message:
+    """One message, carrying everything a chat template can read.
+
+    ``tool_calls`` are in the OpenAI shape (``{"id", "type": "function", "function": {"name", "arguments"}}``) with
+    ``arguments`` already parsed into an object, as servers such as vLLM hand them to templates. ``reasoning`` is the
+    reasoning trace (read from ``reasoning_content``, ``reasoning`` or ``thinking``; handed to templates under all
+    three names). ``train`` is the per-message training flag: ``None`` means the role's default (assistant turns are
+    trained, everything else is context). ``fields`` are other template-readable keys (Alpaca's ``instruction`` and
+    ``input`` on the user message).
+    """
+
     role: str
     content: str
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+    reasoning: str | None = None
+    train: bool | None = None
+    fields: dict[str, Any] | None = None
 
-    def to_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
+    @property
+    def trained_by_default(self) -> bool:
+        return self.role == "assistant"
+
+    @property
+    def is_trained(self) -> bool:
+        return self.trained_by_default if self.train is None else self.train
+
+    def to_dict(self) -> dict[str, Any]:
+        """The message as a chat template receives it (only the keys that are set, as a server passes them)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.fields:
+            out.update(self.fields)
+        if self.tool_calls is not None:
+            out["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        if self.reasoning is not None:
+            for key in REASONING_KEYS:
+                out[key] = self.reasoning
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """The message in sftdata's own JSON form (OpenAI ``messages`` plus ``reasoning``/``train``), for reports."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        for key in ("tool_calls", "tool_call_id", "name", "reasoning", "train"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        if self.fields:
+            out.update(self.fields)
+        return out
 
 
 @dataclass(slots=True)
 class Record:
     """One training example, normalized from any input format.
 
-    ``source`` and ``row`` (1-based line or row number in that file) identify it in every report.
-    ``extra`` keeps the input row's other fields so that writers can preserve them.
+    ``source`` and ``row`` (1-based line or row number in that file) identify it in every report. A conversation has
+    ``messages`` (and optionally ``tools``, OpenAI function schemas, and ``template_kwargs``, per-row template
+    variables such as ``enable_thinking``); a raw-text document has ``text`` (``continued``: the document goes on in
+    the next record, so no EOS is written after this part). ``extra`` keeps the input row's other fields (named in
+    the manifest as ignored); ``raw`` is the input row as read, kept only where a writer needs it.
     """
 
     source: str
     row: int
     messages: list[Message] | None = None
     text: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    continued: bool = False
+    raw: Any = None
 
     @property
     def is_chat(self) -> bool:
@@ -46,7 +104,8 @@ class Record:
     def where(self) -> str:
         return f"{self.source}:{self.row}"
 
-    def messages_as_dicts(self) -> list[dict[str, str]]:
+    def messages_as_dicts(self) -> list[dict[str, Any]]:
+        """Messages as a chat template receives them."""
         return [m.to_dict() for m in self.messages or ()]
 
 
@@ -142,7 +201,9 @@ class Removal:
             "matched": self.matched,
         }
         if self.record.is_chat:
-            row["messages"] = self.record.messages_as_dicts()
+            row["messages"] = [m.to_json() for m in self.record.messages]
+            if self.record.tools is not None:
+                row["tools"] = self.record.tools
         else:
             row["text"] = self.record.text
         return row
