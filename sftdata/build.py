@@ -17,7 +17,7 @@ from sftdata import __version__
 from sftdata.ingest import ReadStats, input_size, parse_columns, read_records
 from sftdata.record import DataError, ProblemLog, Record
 from sftdata.render import EncodeOptions, Encoded, Encoder, truncate
-from sftdata.policy import expand_for_history_policy, plan_history_policy
+from sftdata.policy import plan_history_policy
 from sftdata.templates import load_template
 from sftdata.verify import preflight
 from sftdata.tokenizer import load_tokenizer, tokenizer_identity
@@ -126,6 +126,9 @@ def build(
     decontaminate_options: dict[str, Any] | None = None,
     report: str | Path | None = None,
     history_policy: str = "auto",
+    tokenization: str = "auto",
+    template_kwargs: dict[str, Any] | None = None,
+    system_prompt: str | None = None,
     allow_unverified: bool = False,
     batch_size: int = 1000,
     workers: int = 1,
@@ -157,15 +160,16 @@ def build(
             raise DataError(f"{path}: no such file or directory")
     output = Path(output)
     column_map = parse_columns(columns)
-    encode_options = EncodeOptions(train_turns=train_turns, train_on_prompt=train_on_prompt, special_text=special_text)
+    encode_options = EncodeOptions(train_turns=train_turns, train_on_prompt=train_on_prompt, special_text=special_text,
+                                   history_policy=history_policy, tokenization=tokenization,
+                                   template_kwargs=dict(template_kwargs or {}))
 
     tok = load_tokenizer(tokenizer, template=template)
     tpl = load_template(template, tok)
-    history = plan_history_policy(tpl, history_policy, train_turns)
-    encode_options.train_turns = history.train_turns
     encoder = Encoder(tpl, tok, encode_options)
-    # Verify the template/tokenizer pair once, before reading any data (GUIDE I1-I4 on a built-in suite).
-    verified = preflight(encoder, history_policy=history_policy)
+    history = plan_history_policy(encoder)
+    # Verify the template/tokenizer pair once, before reading any data (the invariants of docs/invariants.md).
+    verified = preflight(encoder)
     if not verified.invariant_ok and not allow_unverified:
         raise DataError(f"template {tpl.name!r} with tokenizer {getattr(tok, 'sftdata_name', tok.name_or_path)!r} fails "
                         f"the invariant checks (pass --allow-unverified to build anyway):\n{verified.format_text()}")
@@ -184,7 +188,9 @@ def build(
     options = {
         "format": format, "columns": column_map, "strip": strip, "max_length": max_length, "truncation": truncation,
         "train_turns": train_turns, "train_on_prompt": train_on_prompt, "special_text": special_text,
-        "on_error": on_error, "pack": pack, "history_policy": history_policy, "allow_unverified": allow_unverified, "eval_fraction": eval_fraction, "seed": seed,
+        "on_error": on_error, "pack": pack, "history_policy": history_policy, "tokenization": tokenization,
+        "template_kwargs": encode_options.template_kwargs, "system_prompt": system_prompt,
+        "allow_unverified": allow_unverified, "eval_fraction": eval_fraction, "seed": seed,
         "dedup": dedup, "dedup_options": dedup_options or {}, "decontaminate": [file_sha256(p) for p in decontaminate],
         "decontaminate_options": decontaminate_options or {},
     }
@@ -199,7 +205,11 @@ def build(
     removed: Counter[str] = Counter()
     stats: list[ReadStats] = []
     per_source: dict[str, Counter[str]] = defaultdict(Counter)
+    example_counts: Counter[str] = Counter()
+    end_ids: Counter[int] = Counter()
     kept = truncated = 0
+    read_options = dict(format=format, columns=column_map, strip=strip, system_prompt=system_prompt,
+                        template_variables=tpl.variables, batch_size=batch_size)
     total_bytes = sum(input_size(p) for p in inputs)
     # The staging dir is only the in-progress output: any failure removes it and leaves `output` as it was.
     tmp = staging_dir(output)
@@ -218,22 +228,20 @@ def build(
             deduplicator = cleaners.get("dedup")
             if deduplicator is not None:  # pass 1: sketch everything, then cluster
                 bar.phase("dedup: sketching", total_bytes)
-                for batch in read_records(inputs, format=format, columns=column_map, strip=strip, problems=ProblemLog(),
-                                          batch_size=batch_size, on_progress=bar.advance):
+                for batch in read_records(inputs, problems=ProblemLog(), on_progress=bar.advance, **read_options):
                     deduplicator.add_batch(batch)
                     bar.rows(len(batch))
                 deduplicator.finalize()
                 bar.phase("build", total_bytes)
             def cleaned_batches():
-                for batch in read_records(inputs, format=format, columns=column_map, strip=strip, problems=problems,
-                                          batch_size=batch_size, on_progress=bar.advance, stats=stats):
+                for batch in read_records(inputs, problems=problems, on_progress=bar.advance, stats=stats, **read_options):
                     bar.rows(len(batch))
                     for stage in cleaners.values():
                         batch, removals = stage.filter_batch(batch)
                         for removal in removals:
                             removed[removal.reason] += 1
                             removed_file.write(json.dumps(removal.to_dict(), ensure_ascii=False) + "\n")
-                    yield expand_for_history_policy(batch, tpl, history.applied)
+                    yield batch
 
             n_workers = max(1, workers)
             for examples, batch_problems in encode_batches(cleaned_batches(), encoder, workers=n_workers,
@@ -257,6 +265,9 @@ def build(
                     source_stats["rows"] += 1
                     source_stats["tokens"] += len(example.input_ids)
                     source_stats["trained"] += example.num_trained
+                    example_counts.update(example.counts)
+                    if not example.is_text:
+                        end_ids.update(example.input_ids[e - 1] for _, e in example.spans if not example.truncated or e < max_length)
                     kept += 1
                 for split, split_examples in outputs.items():
                     writers[split].write_rows(_columns(split_examples))
@@ -286,9 +297,12 @@ def build(
             "labels": LABELS_NOTE,
             "fingerprint": key,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "inputs": [{"path": s.path, "sha256": input_hashes[s.path], "format": s.format, "rows": s.rows} for s in stats],
+            "inputs": [{"path": s.path, "sha256": input_hashes[s.path], "format": s.format, "rows": s.rows,
+                        "ignored_fields": dict(s.ignored_fields.most_common())} for s in stats],
             "template": {"name": tpl.name, "origin": tpl.origin, "text": tpl.source, "sha256": tpl.sha256,
-                         "end_of_turn": tpl.end_of_turn},
+                         "end_of_turn": encoder.end_of_turn, "variables": sorted(tpl.variables),
+                         "end_of_turn_ids": [i for i, _ in end_ids.most_common()],
+                         "end_of_turn_tokens": {tok.convert_ids_to_tokens(i): n for i, n in end_ids.most_common()}},
             "tokenizer": tok_identity,
             "options": options,
             "counts": {
@@ -298,6 +312,7 @@ def build(
                 "skipped_total": problems.total,
                 "removed": dict(sorted(removed.items())),
                 "truncated": truncated,
+                **{k: example_counts[k] for k in sorted(example_counts)},
             },
             "tokens": {"total": total_tokens, "trained": trained_tokens,
                        "per_source": {k: dict(v) for k, v in per_source.items()}},

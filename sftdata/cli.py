@@ -76,9 +76,16 @@ def main() -> None:
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
               help="Write the rows removed by --dedup/--decontaminate (with what they matched) to this JSONL file.")
 @click.option("--history-policy", type=click.Choice(["auto", "split", "last", "fail"]), default="auto", show_default=True,
-              help="Templates that render earlier assistant turns differently from the final one (Qwen3 thinking): "
-                   "split each conversation into one example per turn (auto does this when needed), train only "
-                   "the last turn, or skip such rows.")
+              help="An assistant turn that the template renders differently in history than as the final turn "
+                   "(Qwen3 thinking, gpt-oss, reasoning dropped from history): give it its own example, as served "
+                   "(auto, split), leave it as context (last), or skip the row (fail).")
+@click.option("--tokenization", type=click.Choice(["auto", "context"]), default="auto", show_default=True,
+              help="A turn whose serving prompt's last token merges with the reply in context: train it as "
+                   "tok(prompt) + tok(reply), the sequence a server feeds (auto), or skip the row (context).")
+@click.option("--template-kwargs", default=None, metavar="JSON",
+              help='Template variables for every row, e.g. \'{"enable_thinking": false}\' (a row\'s own '
+                   "chat_template_kwargs or a field named like a template variable overrides them).")
+@click.option("--system-prompt", default=None, metavar="TEXT", help="Add this system message to rows that have none.")
 @click.option("--allow-unverified", is_flag=True,
               help="Build even when the template/tokenizer pair fails the preflight invariant checks.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
@@ -88,7 +95,7 @@ def main() -> None:
 @reports_errors
 def build_command(inputs, template, tokenizer, output, fmt, columns, strip, max_length, truncation, train_turns,
                   train_on_prompt, special_text, on_error, pack, eval_fraction, seed, dedup, decontaminate, report,
-                  history_policy, allow_unverified, workers, force, quiet):
+                  history_policy, tokenization, template_kwargs, system_prompt, allow_unverified, workers, force, quiet):
     """Render and tokenize INPUTS into training-ready Parquet with exact -100 label masks.
 
     INPUTS are .jsonl/.json/.csv/.parquet/.txt files (optionally .gz), saved Hugging Face dataset directories or
@@ -104,7 +111,8 @@ def build_command(inputs, template, tokenizer, output, fmt, columns, strip, max_
                    strip=strip, max_length=max_length, truncation=truncation, train_turns=train_turns,
                    train_on_prompt=train_on_prompt, special_text=special_text, on_error=on_error, pack=pack,
                    eval_fraction=eval_fraction, seed=seed, dedup=dedup, decontaminate=list(decontaminate),
-                   report=report, history_policy=history_policy,
+                   report=report, history_policy=history_policy, tokenization=tokenization,
+                   template_kwargs=parse_template_kwargs(template_kwargs), system_prompt=system_prompt,
                    allow_unverified=allow_unverified, workers=workers, force=force, progress=not quiet, console=console)
     manifest = result.manifest
     for warning in manifest.get("warnings", []):
@@ -115,6 +123,21 @@ def build_command(inputs, template, tokenizer, output, fmt, columns, strip, max_
         print_summary(manifest, str(result.output))
     if manifest["counts"]["rows_kept"] == 0:
         fail("no example was kept; see the reasons above and problems.jsonl")
+
+
+def parse_template_kwargs(text: str | None) -> dict:
+    """``--template-kwargs`` as a dict; a one-line error for anything but a JSON object."""
+    if not text:
+        return {}
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise DataError(f"--template-kwargs is not valid JSON ({e}); e.g. '{{\"enable_thinking\": false}}'") from None
+    if not isinstance(value, dict):
+        raise DataError("--template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'")
+    return value
 
 
 def print_summary(manifest: dict, output: str) -> None:
@@ -134,6 +157,19 @@ def print_summary(manifest: dict, output: str) -> None:
     for reason, n in counts["removed"].items():
         table.add_row(f"  removed: {reason}", f"[yellow]{n:,}[/]")
     table.add_row("truncated", f"{counts['truncated']:,}")
+    for key, label in (("examples_split", "turns split into their own example (history policy)"),
+                       ("turns_untrained_history", "turns left as context (history policy last)"),
+                       ("tokenized_apart", "turns tokenized as tok(prompt) + tok(reply)"),
+                       ("turns_trained_tool_call", "trained turns with tool calls"),
+                       ("turns_trained_reasoning", "trained turns with reasoning")):
+        if counts.get(key):
+            table.add_row(f"  {label}", f"{counts[key]:,}")
+    ignored = {}
+    for entry in manifest.get("inputs", []):
+        for name, n in (entry.get("ignored_fields") or {}).items():
+            ignored[name] = ignored.get(name, 0) + n
+    if ignored:
+        table.add_row("ignored input fields", ", ".join(f"{k} ({v:,})" for k, v in sorted(ignored.items(), key=lambda kv: -kv[1])[:6]))
     share = tokens["trained"] / tokens["total"] if tokens["total"] else 0
     table.add_row("tokens", f"{tokens['total']:,}")
     table.add_row("trained tokens", f"{tokens['trained']:,} ({share:.1%})")

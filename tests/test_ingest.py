@@ -56,10 +56,9 @@ def test_every_reader_gives_the_same_records(tmp_path, kind):
     records, problems = read_all([str(path)])
     assert problems.total == 0
     assert [r.messages for r in records] == [
-        [Message("user", "Add\n\n2 3"), Message("assistant", "5")],
-        [Message("user", "Hi"), Message("assistant", "Hello")],
+        [Message("user", "Add\n\n2 3", fields={"instruction": "Add", "input": "2 3"}), Message("assistant", "5")],
+        [Message("user", "Hi", fields={"instruction": "Hi", "input": ""}), Message("assistant", "Hello")],
     ]
-    assert [r.extra["alpaca_input"] for r in records] == ["2 3", ""]
 
 
 def test_formats_are_detected():
@@ -102,9 +101,10 @@ def test_messages_sharegpt_prompt_completion_and_text(tmp_path):
 def test_whitespace_is_kept_unless_strip(tmp_path):
     path = write_jsonl(tmp_path / "w.jsonl", [{"instruction": "  Hi \n", "output": " Hello  "}])
     (record,), _ = read_all([str(path)])
-    assert record.messages == [Message("user", "  Hi \n"), Message("assistant", " Hello  ")]
+    assert record.messages == [Message("user", "  Hi \n", fields={"instruction": "  Hi \n", "input": ""}),
+                               Message("assistant", " Hello  ")]
     (record,), _ = read_all([str(path)], strip=True)
-    assert record.messages == [Message("user", "Hi"), Message("assistant", "Hello")]
+    assert record.messages == [Message("user", "Hi", fields={"instruction": "Hi", "input": ""}), Message("assistant", "Hello")]
 
 
 def test_gsm8k_field_mapping():

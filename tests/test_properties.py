@@ -11,7 +11,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sftdata.policy import expand_for_history_policy, plan_history_policy
 from sftdata.record import Message, Record
 from sftdata.render import IGNORE_INDEX, EncodeOptions, Encoder
 from sftdata.templates import load_template
@@ -48,37 +47,36 @@ def conversations(draw, content):
 def _check(name, tokname, messages, ordinary):
     tok = _tok(tokname)
     template = load_template(name, tok)
-    decision = plan_history_policy(template, "auto")
-    encoder = Encoder(template, tok, EncodeOptions(train_turns=decision.train_turns))
+    encoder = Encoder(template, tok)
     record = Record("p.jsonl", 1, [Message(r, c) for r, c in messages])
     try:
         template.render(record.messages_as_dicts())
     except Exception:
         return  # the official template refuses it (mistral: system message)
     backend = tok.backend_tokenizer
-    for rec in expand_for_history_policy([record], template, decision.applied):
-        out, problems = encoder.encode_batch([rec])
-        if problems:
-            assert not ordinary or unicodedata.normalize("NFC", str(messages)) != str(messages), problems[0]
-            assert problems[0].kind in ALLOWED, problems[0]
-            continue
-        ex, msgs = out[0], rec.messages_as_dicts()
-        full = template.render(msgs)
+    out, problems = encoder.encode_batch([record])
+    if problems:
+        assert not ordinary or unicodedata.normalize("NFC", str(messages)) != str(messages), problems[0]
+        assert problems[0].kind in ALLOWED, problems[0]
+    msgs = record.messages_as_dicts()
+    assistant = [k for k, m in enumerate(msgs) if m["role"] == "assistant"]
+    assert problems or sorted(k for ex in out for k in ex.turns) == assistant  # every turn trained exactly once
+    for ex in out:
+        example = msgs[:ex.messages]
+        full = template.render(example)
         ids = backend.encode(full, add_special_tokens=False).ids
-        assert ex.input_ids == ids  # I1
-        trained = [k for k, m in enumerate(msgs) if m["role"] == "assistant"]
-        if decision.train_turns == "last":
-            trained = trained[-1:]
-        assert len(ex.spans) == len(trained)
-        sk = skeleton(template, tuple(m["role"] for m in msgs))
+        if not ex.tokenized_apart:
+            assert ex.input_ids == ids  # I1
+        sk = skeleton(template, tuple(m["role"] for m in example))
         inside = set()
-        for (s, e), k in zip(ex.spans, trained):
+        for (s, e), k in zip(ex.spans, ex.turns, strict=True):
             prompt = template.render(msgs[:k], add_generation_prompt=True)
-            assert full.startswith(prompt)  # I2 (text)
-            assert ids[:s] == backend.encode(prompt, add_special_tokens=False).ids  # I2 (tokens)
-            decoded = backend.decode(ids[s:e], skip_special_tokens=False)
+            assert ex.input_ids[:s] == backend.encode(prompt, add_special_tokens=False).ids  # I2 (tokens)
+            if not ex.tokenized_apart:
+                assert full.startswith(prompt)  # I2 (text)
+            decoded = backend.decode(ex.input_ids[s:e], skip_special_tokens=False)
             content = strip_beside_absorbing_tokens(sk.normalize(k, msgs[k]["content"]).strip(), tok)
-            end_of_turn = strip_beside_absorbing_tokens(template.end_of_turn.strip(), tok)
+            end_of_turn = strip_beside_absorbing_tokens(encoder.end_of_turn.strip(), tok)
             assert decoded.rstrip().endswith(end_of_turn)  # I4: end marker trained
             assert unicodedata.normalize("NFC", content) in unicodedata.normalize("NFC", decoded)  # I4
             inside.update(range(s, e))

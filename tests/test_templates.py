@@ -24,7 +24,7 @@ def _renders(template: ChatTemplate):
         msgs = case.dicts()
         for conv, gen in [(msgs, False)] + [(msgs[:k], True) for k, m in enumerate(msgs) if m["role"] == "assistant"]:
             try:
-                out.append(template.render(conv, add_generation_prompt=gen))
+                out.append(template.render(conv, add_generation_prompt=gen, tools=list(case.tools or ()) or None))
             except Exception as e:  # the official template refuses it too (checked by equality)
                 out.append(f"<refused: {e}>")
     return out
@@ -64,13 +64,14 @@ def test_byte_identical_to_the_tokenizers_own_template(name, tokenizer):
     for case in SUITE:
         msgs = case.dicts()
         for conv, gen in [(msgs, False)] + [(msgs[:k], True) for k, m in enumerate(msgs) if m["role"] == "assistant"]:
+            tools = list(case.tools) if case.tools else None
             try:
-                expected = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+                expected = tok.apply_chat_template(conv, tools=tools, tokenize=False, add_generation_prompt=gen)
             except Exception:
                 with pytest.raises(Exception):
-                    template.render(conv, add_generation_prompt=gen)
+                    template.render(conv, add_generation_prompt=gen, tools=tools)
                 continue
-            assert template.render(conv, add_generation_prompt=gen) == expected, (case.name, gen)
+            assert template.render(conv, add_generation_prompt=gen, tools=tools) == expected, (case.name, gen)
     report = verify(tok, template)
     assert report.check("fidelity", "template vs tokenizer.chat_template").status == "pass"
 
@@ -91,6 +92,8 @@ def test_round_trip_on_real_tokenizers(name, tokenizer):
     template = load_template(name, tok)
     checked = 0
     for case in SUITE:
+        if case.feature is not None:
+            continue  # the skeleton parser recovers plain contents; tool calls and reasoning: tests/test_conversations.py
         msgs = case.dicts()
         if any(s in m["content"] for m in msgs for s in ("<|", "</s>", "<end_of", "[INST]", "[/INST]")):
             continue  # marker text is ambiguous once rendered; covered by test_verify

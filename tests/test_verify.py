@@ -60,7 +60,7 @@ def test_gemma_on_a_vocabulary_with_its_markers():
     report = verify(gemma_standin(), "gemma")
     assert report.invariant_ok, report.format_text()
     notes = report.check("special-tokens", "tokenizer + template").notes
-    assert any("is not eos_token" in n for n in notes)  # GUIDE §3.7: trained explicitly
+    assert any("is not eos_token" in n for n in notes)  # failure mode 7: trained explicitly
 
 
 def test_mistral_template_refuses_system_like_the_official_one():
@@ -68,15 +68,19 @@ def test_mistral_template_refuses_system_like_the_official_one():
     assert report.invariant_ok, report.format_text()
     masks = report.check("exact-masks")
     assert any("system-prompt" in n and "refuses" in n for n in masks.notes)
-    # "[/INST]," merges into one token: such rows are refused with the reason, not trained
-    assert any("leading-punctuation" in n and "serving-prefix" in n for n in masks.notes)
+    # "[/INST]," merges into one token: the turn is trained as tok(prompt) + tok(completion), as a server feeds it
+    prefix = report.check("serving-prefix")
+    assert any(n.startswith("leading-punctuation") and "tok(prompt) + tok(completion)" in n for n in prefix.notes)
 
 
 def test_edge_cases_are_refused_with_reasons_not_silently():
     report = verify(shared_tokenizer("qwen3"), "chatml")
     notes = report.check("exact-masks").notes
-    assert any(n.startswith("leading-newline") and "serving-prefix-tokens" in n for n in notes)
     assert any(n.startswith("template-markers") and "--special-text reject" in n for n in notes)
+    prefix = report.check("serving-prefix").notes
+    assert any(n.startswith("leading-newline") and "tok(prompt) + tok(completion)" in n for n in prefix)
+    for kind in ("tool-call", "parallel-calls", "reasoning"):
+        assert any(n.startswith(f"{kind}: the template does not support") for n in notes), kind
 
 
 def test_phi3_with_rstrip_added_tokens():

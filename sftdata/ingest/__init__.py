@@ -12,7 +12,8 @@ the 1-based line/row and the reason, recorded in the caller's :class:`ProblemLog
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -35,12 +36,13 @@ __all__ = ["FORMATS", "SHAREGPT_ROLES", "IngestOptions", "ReadStats", "RowError"
 
 @dataclass
 class ReadStats:
-    """Per-file facts for the manifest: detected format and rows seen."""
+    """Per-file facts for the manifest: detected format, rows seen, and how often each input field was ignored."""
 
     path: str
     format: str | None = None
     rows: int = 0
     bytes: int = 0
+    ignored_fields: Counter[str] = field(default_factory=Counter)
 
 
 
@@ -50,6 +52,8 @@ def read_records(
     format: str | None = None,
     columns: dict[str, str] | str | None = None,
     strip: bool = False,
+    system_prompt: str | None = None,
+    template_variables: frozenset[str] | set[str] = frozenset(),
     problems: ProblemLog | None = None,
     batch_size: int = 1000,
     stats: list[ReadStats] | None = None,
@@ -65,7 +69,8 @@ def read_records(
         paths = [str(paths)]
     if format is not None and format not in FORMATS:
         raise DataError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
-    options = IngestOptions(format=format, columns=parse_columns(columns), strip=strip)
+    options = IngestOptions(format=format, columns=parse_columns(columns), strip=strip, system_prompt=system_prompt,
+                            template_variables=frozenset(template_variables))
     problems = problems if problems is not None else ProblemLog()
     batch: list[Record] = []
     for path_str in paths:
@@ -108,11 +113,14 @@ def read_records(
                         )
                     file_stats.format = fmt
                 try:
-                    messages, text, extra = normalize_row(row, fmt or "text", options)
+                    normalized = normalize_row(row, fmt or "text", options)
                 except RowError as e:
                     problems.add(Problem(str(path_str), row_number, "ingest", e.kind, e.detail))
                     continue
-                batch.append(Record(source=str(path_str), row=row_number, messages=messages, text=text, extra=extra))
+                file_stats.ignored_fields.update(normalized.ignored)
+                batch.append(Record(source=str(path_str), row=row_number, messages=normalized.messages,
+                                    text=normalized.text, tools=normalized.tools,
+                                    template_kwargs=normalized.template_kwargs, extra=normalized.extra))
                 if len(batch) >= batch_size:
                     yield batch
                     batch = []
