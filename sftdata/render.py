@@ -604,7 +604,9 @@ def assistant_markup(template: ChatTemplate, added: set[str], header: str) -> se
             if found:
                 excluded.add(found[-1] if tail.endswith(found[-1]) else "")
             inside.update(found)
-            excluded.update(pattern.findall(prompt[-200:]))
+            before = _probe_render(template, [user], False, **kwargs)
+            if before is not None and prompt.startswith(before):
+                excluded.update(pattern.findall(prompt[len(before):]))  # what the generation prompt itself writes
             if history is not None:
                 at = history.find(_SENT.format("A"))
                 if at >= 0:

@@ -474,7 +474,7 @@ def _refuse_untrainable(row: dict[str, Any], fmt: str) -> None:
     if "chosen" in row and "rejected" in row:
         raise RowError("preference-pair", "a preference pair (chosen/rejected) is DPO data, not a supervised example; "
                                           "map one side explicitly if you want to train on it (--columns completion=chosen)")
-    if fmt == "prompt-completion" and isinstance(row.get("label"), bool):
+    if "completion" in row and isinstance(row.get("label"), bool):
         raise RowError("kto-label", f"a KTO row (label: {str(row['label']).lower()}) is preference data, not a "
                                     "supervised example")
     for key in _MODALITY_KEYS:
