@@ -28,6 +28,7 @@ makes the row a :class:`Problem` with the reason; it is never trained silently.
 
 from __future__ import annotations
 
+import datetime
 import re
 import unicodedata
 from bisect import bisect_left
@@ -39,6 +40,10 @@ from sftdata.record import Problem, Record
 from sftdata.templates import ChatTemplate, TemplateBudgetError
 
 IGNORE_INDEX = -100
+# What each token of an example is, for `show` and `stats` (column `kinds`): never used to place labels.
+KINDS = ("markup", "system", "user", "content", "reasoning", "tool_call", "tool_result")
+KIND_CODE = {name: code for code, name in enumerate(KINDS)}
+_ROLE_KIND = {"system": 1, "developer": 1, "user": 2, "assistant": 3, "tool": 6}
 TRAIN_TURNS = ("all", "last")
 SPECIAL_TEXT_POLICIES = ("reject", "escape")
 HISTORY_POLICIES = ("auto", "split", "last", "fail")
@@ -60,8 +65,10 @@ class EncodeOptions:
     ``reject``ed (default) or ``escape``d (U+200B after its first character, so it stays text). ``history_policy``:
     what happens to a turn that renders differently in history than as the last turn (see module docstring).
     ``tokenization``: ``auto`` or ``context`` (see module docstring). ``template_kwargs``: template variables for every
-    row (``enable_thinking`` ...); a row's own ``chat_template_kwargs`` override them. ``check_decode``: run the decode
-    check on every trained run.
+    row (``enable_thinking`` ...); a row's own ``chat_template_kwargs`` override them. ``template_date``: the date
+    (``YYYY-MM-DD``) templates that print today's date (gpt-oss, Llama-3.2 via ``strftime_now``) render, so a build
+    renders the same text whenever it runs; None renders the real date. ``check_decode``: run the decode check on
+    every trained run.
     """
 
     train_turns: str = "all"
@@ -70,6 +77,7 @@ class EncodeOptions:
     history_policy: str = "auto"
     tokenization: str = "auto"
     template_kwargs: dict[str, Any] = field(default_factory=dict)
+    template_date: str | None = None
     check_decode: bool = True
 
     def __post_init__(self) -> None:
@@ -95,6 +103,7 @@ class Encoded:
     counts: Counter = field(default_factory=Counter)
     turns: list[int] = field(default_factory=list)  # message index of each trained span's assistant turn
     messages: int = 0  # how many of the conversation's messages the example renders (fewer for a split turn)
+    kinds: list[int] = field(default_factory=list)  # per token, an index into KINDS
 
     @property
     def num_trained(self) -> int:
@@ -111,6 +120,7 @@ class _Turn:
     marker: str  # the end-of-turn marker the target ends with
     content: str
     cut: int = 0  # end of the prompt's last control token: only prompt[cut:] is tokenized again
+    composed: bool = False  # the target was assembled after the prompt (see Encoder._composed_target)
 
 
 @dataclass(slots=True)
@@ -122,6 +132,7 @@ class _Plan:
     turns: list[_Turn]
     counts: Counter
     messages: int
+    segments: list[tuple[int, int, int]] = field(default_factory=list)  # (start char, end char, kind code)
 
 
 class Refused(Exception):
@@ -151,6 +162,10 @@ class Encoder:
         # offsets cover it but decoding does not give it back, so the boundary and decode checks treat it as theirs.
         self._absorbing = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()
                            if getattr(t, "lstrip", False) or getattr(t, "rstrip", False)}
+        self._fixed_kwargs: dict[str, Any] = {}
+        if self.options.template_date and "strftime_now" in template.source:
+            day = datetime.date.fromisoformat(self.options.template_date)
+            self._fixed_kwargs["strftime_now"] = day.strftime  # shadows the global: the render no longer depends on today
         self.header = trailing_header(template, self.added)
         self.end_of_turn = _strip_suffix(template.end_of_turn, self.header.strip()).rstrip() if self.header else template.end_of_turn
         control = self.added | text_markers(template)
@@ -189,7 +204,7 @@ class Encoder:
             messages.append({k: (v if k in ("role", "tool_call_id") else self._clean(v, pattern, f"message {i} ({m['role']}) {k}"))
                              for k, v in m.items()})
         tools = self._clean(record.tools, self._control_re, "the tools") if record.tools is not None else None
-        kwargs = {**self.options.template_kwargs, **record.template_kwargs}
+        kwargs = {**self._fixed_kwargs, **self.options.template_kwargs, **record.template_kwargs}
         return messages, tools, kwargs
 
     # -- planning -------------------------------------------------------------------------------------------------
@@ -239,10 +254,11 @@ class Encoder:
             through = full if last else render(messages[: k + 1])
             target = self._target(prompt, through)
             if target is None:
-                raise Refused("serving-prefix",
-                               f"assistant message {k}: the serving prompt T(conv[:{k}], add_generation_prompt=True) is not "
-                               f"a prefix of the turn rendered as the last message ({_excerpt(prompt, through)}); the "
-                               "generation prompt writes text the template does not render for the turn")
+                text, marker = self._composed_target(messages, record.messages[k], k, prompt, through, render)
+                turn = _Turn(k, prompt, len(prompt) + len(text), marker, messages[k]["content"], composed=True)
+                separate.append((prompt + text, turn))
+                counts["turns_composed"] += 1
+                continue
             text, marker = target
             turn = _Turn(k, prompt, len(prompt) + len(text), marker, messages[k]["content"])
             if last or (full.startswith(prompt) and full.startswith(text, len(prompt))):
@@ -267,9 +283,74 @@ class Encoder:
                                               f"{self.options.history_policy!r}")
         plans[-1].counts.update(counts)
         for plan in plans:
+            plan.segments = self._segments(plan, messages, render)
             for turn in plan.turns:
                 turn.cut = self._last_control_end(turn.prompt)
         return plans
+
+    def _composed_target(self, messages: list[dict[str, Any]], message: Any, k: int, prompt: str, through: str,
+                         render: Any) -> tuple[str, str]:
+        """The target of turn ``k`` when the serving prompt ``P_k`` is not a prefix of the turn's own render ``Q_k``.
+
+        Both renders are cut right after the message the turn answers (the last user or tool message, located in
+        ``Q_k`` through a sentinel render); what each writes after it must agree:
+
+        * the rest of ``Q_k`` continues the rest of ``P_k`` (the template renders the *context* differently once the
+          turn exists: gpt-oss drops a tool call's reasoning when a final answer follows, Mistral v0.3 moves the system
+          prompt): the target is that continuation, and the example is ``P_k`` + target, as served;
+        * ``P_k`` opens a reasoning block the render does not show (QwQ, DeepSeek-R1 ``<think>\n``, DeepSeek-V3.1
+          ``<think>``): the target is the reasoning and the answer as the model writes them after that prompt: an inline
+          ``<think>...</think>`` content is used as written; a separate reasoning field is closed with ``</think>``,
+          laid out as the family does (``\n</think>\n\n`` after ``<think>\n``, the template's own text where it
+          renders the closing tag, as DeepSeek-V3.1 does).
+
+        Anything else is refused (``serving-prefix``), and a reasoning prompt without reasoning is ``missing-reasoning``.
+        """
+        refuse = Refused("serving-prefix",
+                         f"assistant message {k}: the serving prompt T(conv[:{k}], add_generation_prompt=True) is not a prefix "
+                         f"of the turn rendered as the last message ({_excerpt(prompt, through)}), and the difference is "
+                         "neither a context the template renders differently nor a reasoning block the prompt opens")
+        j = next((i for i in range(k - 1, -1, -1) if messages[i]["role"] != "assistant"), None)
+        anchor = (messages[j].get("content") or "").strip() if j is not None else ""
+        if not anchor:
+            raise refuse
+        sentinel = render(messages[:k] + [{"role": "assistant", "content": _SENT.format("C")}])
+        at = sentinel.rfind(anchor, 0, sentinel.find(_SENT.format("C")))
+        p_at = prompt.rfind(anchor)
+        if at < 0 or p_at < 0 or through[:at + len(anchor)] != sentinel[:at + len(anchor)]:
+            raise refuse
+        p_after, q_after = prompt[p_at + len(anchor):], through[at + len(anchor):]
+        if q_after.startswith(p_after):
+            target = self._target("", q_after[len(p_after):])
+            if target is None:
+                raise refuse
+            return target
+        shared = p_after.rfind("<think>")
+        opened = p_after[shared:]
+        if shared < 0 or q_after[:shared] != p_after[:shared] or not re.fullmatch(r"<think>\s*", opened):
+            raise refuse
+        rest = self._target("", q_after[shared:])
+        if rest is None:
+            raise refuse
+        rest_text, marker = rest
+        content = messages[k].get("content") or ""
+        inline = content.lstrip()
+        if message.reasoning is None and inline.startswith("<think>") and "</think>" in inline:
+            body = inline[len("<think>"):]
+            body = body[len(opened) - len("<think>"):] if body.startswith(opened[len("<think>"):]) else body.lstrip()
+            answer = inline.split("</think>")[-1].strip()
+            # the template's text after the answer (the end marker, tool calls) follows the content as written
+            after = rest_text[rest_text.rfind(answer) + len(answer):] if answer else rest_text[rest_text.rfind(marker):]
+            return body.rstrip() + after, marker
+        if not (message.reasoning or "").strip():
+            raise Refused("missing-reasoning",
+                          f"assistant message {k}: the template's generation prompt opens {opened.strip()!r}, so the "
+                          "model writes reasoning first, but this turn has none (add reasoning_content, or put "
+                          "<think>...</think> at the start of the content)")
+        if rest_text.startswith("</think>"):
+            return message.reasoning + rest_text, marker
+        close = "\n</think>\n\n" if opened.endswith("\n") else "</think>"
+        return message.reasoning + close + rest_text, marker
 
     def _check_rendered(self, record: Record, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                         full: str, turns: list[tuple[_Turn, str]]) -> None:
@@ -302,6 +383,59 @@ class Encoder:
             if message["role"] == "tool" and message["content"].strip() and message["content"].strip() not in full:
                 raise Refused("tool-result-not-rendered",
                               f"message {i}: template {self.template.name!r} does not render this tool result")
+
+    def _segments(self, plan: _Plan, messages: list[dict[str, Any]], render: Any) -> list[tuple[int, int, int]]:
+        """Character spans of the example text by kind (system, user, content, reasoning, tool call, tool result), for
+        display and statistics. A trained turn's reasoning and tool calls are located exactly, by rendering the turn
+        once more without them and diffing; the other messages by finding their content in order."""
+        text, segments, cursor = plan.text, [], 0
+        targets = {t.message: t for t in plan.turns}
+        for i, message in enumerate(messages[:plan.messages]):
+            turn = targets.get(i)
+            if turn is None:
+                content = message.get("content") or ""
+                at = text.find(content.strip(), cursor) if content.strip() else -1
+                if at >= 0:
+                    end = at + len(content.strip())
+                    segments.append((at, end, _ROLE_KIND.get(message["role"], 0)))
+                    cursor = end
+                continue
+            start, end = len(turn.prompt), turn.end
+            target = text[start:end]
+            parts = []
+            if turn.composed and message.get("reasoning_content"):
+                at = target.find(message["reasoning_content"].strip())
+                if at >= 0:
+                    parts.append((start + at, start + at + len(message["reasoning_content"].strip()), 4))
+            for key, kind in (("tool_calls", 5), ("reasoning_content", 4)):
+                if not message.get(key) or turn.composed:
+                    continue
+                without = {k: v for k, v in message.items() if k != key and not (key == "reasoning_content" and k in ("reasoning", "thinking"))}
+                try:
+                    other = render(messages[:i] + [without])[len(turn.prompt):]
+                except Refused:
+                    continue
+                other = _strip_suffix(other, self.header).rstrip()
+                a = _common_prefix(target, other)
+                b = _common_prefix(target[::-1], other[::-1])
+                if a < len(target) - b:
+                    parts.append((start + a, start + len(target) - b, kind))
+            for piece in _content_pieces(message.get("content") or ""):
+                at = target.find(piece)
+                while at >= 0 and any(s <= start + at < e for s, e, _ in parts):
+                    at = target.find(piece, at + 1)
+                if at >= 0:
+                    parts.append((start + at, start + at + len(piece), 3))
+            segments.extend(sorted(parts))
+            cursor = end
+        return segments
+
+    def _token_kinds(self, segments: list[tuple[int, int, int]], starts: list[int], n: int, offset: int = 0) -> list[int]:
+        kinds = [0] * n
+        for a, b, kind in segments:
+            i, j = bisect_left(starts, a - offset), bisect_left(starts, b - offset)
+            kinds[i:j] = [kind] * (j - i)
+        return kinds
 
     def _last_control_end(self, prompt: str) -> int:
         if self._added_re is None:
@@ -373,8 +507,12 @@ class Encoder:
                 for s, e in spans:
                     labels[s:e] = ids[s:e]
             counts = plan.counts + self._turn_counts(plan.record, kept)
+            kinds = self._token_kinds(plan.segments, starts, len(ids))
+            for s, e in spans:
+                for kind in kinds[s:e]:
+                    counts[f"trained_tokens_{KINDS[kind]}"] += 1
             out.append(Encoded(plan.record.source, plan.record.row, list(ids), labels, spans, counts=counts,
-                               turns=[t.message for t in kept], messages=plan.messages))
+                               turns=[t.message for t in kept], messages=plan.messages, kinds=kinds))
         return out + apart
 
     def _encode_apart(self, plan: _Plan, turn: _Turn, prompt_ids: list[int]) -> Encoded:
@@ -388,8 +526,15 @@ class Encoder:
         ids = list(prompt_ids) + completion_ids
         labels = list(ids) if self.options.train_on_prompt else [IGNORE_INDEX] * len(prompt_ids) + completion_ids
         counts = Counter({"tokenized_apart": 1}) + self._turn_counts(plan.record, [turn])
+        prompt_enc = self.backend.encode(turn.prompt, add_special_tokens=False)
+        completion_enc = self.backend.encode(completion, add_special_tokens=False)
+        kinds = (self._token_kinds(plan.segments, [o[0] for o in prompt_enc.offsets], len(prompt_ids))
+                 + self._token_kinds(plan.segments, [o[0] for o in completion_enc.offsets], len(completion_ids),
+                                     offset=len(turn.prompt)))
+        for kind in kinds[len(prompt_ids):]:
+            counts[f"trained_tokens_{KINDS[kind]}"] += 1
         return Encoded(plan.record.source, plan.record.row, ids, labels, [(len(prompt_ids), len(ids))],
-                       tokenized_apart=True, counts=counts, turns=[turn.message], messages=turn.message + 1)
+                       tokenized_apart=True, counts=counts, turns=[turn.message], messages=turn.message + 1, kinds=kinds)
 
     @staticmethod
     def _turn_counts(record: Record, turns: list[_Turn]) -> Counter:
@@ -456,7 +601,7 @@ class Encoder:
         ids = list(enc.ids)
         if not record.continued and self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
             ids.append(self.eos_id)  # documents are separated by EOS (continued-pretraining convention)
-        return Encoded(record.source, record.row, ids, list(ids), [(0, len(ids))], is_text=True)
+        return Encoded(record.source, record.row, ids, list(ids), [(0, len(ids))], is_text=True, kinds=[3] * len(ids))
 
     # -- batch ------------------------------------------------------------------------------------------------
 
@@ -516,7 +661,7 @@ def truncate(example: Encoded, max_length: int) -> Encoded | None:
     turns = [t for _, t in kept] if example.turns else []
     return Encoded(example.source, example.row, example.input_ids[:max_length], labels, spans, truncated=True,
                    is_text=example.is_text, tokenized_apart=example.tokenized_apart, counts=example.counts, turns=turns,
-                   messages=example.messages)
+                   messages=example.messages, kinds=example.kinds[:max_length])
 
 
 # -- what a template writes ---------------------------------------------------------------------------------------
@@ -597,6 +742,15 @@ def assistant_markup(template: ChatTemplate, added: set[str], header: str) -> se
             prompt = _probe_render(template, [user], True, **kwargs)
             full = _probe_render(template, [user, reply], False, **kwargs)
             history = _probe_render(template, [user, reply, user, {"role": "assistant", "content": "x"}], False, **kwargs)
+            before = _probe_render(template, [user], False, **kwargs)
+            if prompt is not None and before is not None and prompt.startswith(before):
+                for token in pattern.findall(prompt[len(before):]):  # what the generation prompt itself writes
+                    if re.fullmatch(r"<[a-z_]+>", token):
+                        # a block the prompt opens (<think>): the model writes its content and closing tag, and data
+                        # holds it inline (<think>...</think> at the start of the content)
+                        inside.update(t for t in (token, "</" + token[1:]) if t in added)
+                    else:
+                        excluded.add(token)
             if prompt is None or full is None or not full.startswith(prompt):
                 continue
             tail = _strip_suffix(full[len(prompt):], header).rstrip()
@@ -604,9 +758,6 @@ def assistant_markup(template: ChatTemplate, added: set[str], header: str) -> se
             if found:
                 excluded.add(found[-1] if tail.endswith(found[-1]) else "")
             inside.update(found)
-            before = _probe_render(template, [user], False, **kwargs)
-            if before is not None and prompt.startswith(before):
-                excluded.update(pattern.findall(prompt[len(before):]))  # what the generation prompt itself writes
             if history is not None:
                 at = history.find(_SENT.format("A"))
                 if at >= 0:
@@ -614,6 +765,14 @@ def assistant_markup(template: ChatTemplate, added: set[str], header: str) -> se
                     if after is not None:
                         excluded.add(after.group(0))
     return inside - excluded
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def _content_pieces(content: str) -> list[str]:
