@@ -99,6 +99,7 @@ def _columns(examples: list[Encoded]) -> dict[str, list[Any]]:
         "num_tokens": [len(e.input_ids) for e in examples],
         "num_trained": [e.num_trained for e in examples],
         "truncated": [e.truncated for e in examples],
+        "kinds": [e.kinds for e in examples],
     }
 
 

@@ -30,6 +30,7 @@ UNPACKED_SCHEMA = pa.schema([
     ("num_tokens", pa.int32()),
     ("num_trained", pa.int32()),
     ("truncated", pa.bool_()),
+    ("kinds", pa.list_(pa.int8())),
 ])
 
 
