@@ -29,6 +29,7 @@ makes the row a :class:`Problem` with the reason; it is never trained silently.
 from __future__ import annotations
 
 import datetime
+import json
 import re
 import unicodedata
 from bisect import bisect_left
@@ -162,6 +163,7 @@ class Encoder:
         # offsets cover it but decoding does not give it back, so the boundary and decode checks treat it as theirs.
         self._absorbing = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()
                            if getattr(t, "lstrip", False) or getattr(t, "rstrip", False)}
+        self.tool_call_form = tool_call_form(template)
         self._fixed_kwargs: dict[str, Any] = {}
         if self.options.template_date and "strftime_now" in template.source:
             day = datetime.date.fromisoformat(self.options.template_date)
@@ -199,7 +201,10 @@ class Encoder:
         """What the template is given for ``record``: messages, tools and keywords, with control-token text escaped
         (``special_text="escape"``); raises :class:`Refused` under ``"reject"``."""
         messages = []
+        arguments_as_string, empty_as_none = self.tool_call_form
         for i, m in enumerate(record.messages_as_dicts()):
+            if m.get("tool_calls") and (arguments_as_string or empty_as_none):
+                m = _tool_call_message(m, arguments_as_string, empty_as_none)
             pattern = self._assistant_control_re if m["role"] == "assistant" else self._control_re
             messages.append({k: (v if k in ("role", "tool_call_id") else self._clean(v, pattern, f"message {i} ({m['role']}) {k}"))
                              for k, v in m.items()})
@@ -255,12 +260,12 @@ class Encoder:
             target = self._target(prompt, through)
             if target is None:
                 text, marker = self._composed_target(messages, record.messages[k], k, prompt, through, render)
-                turn = _Turn(k, prompt, len(prompt) + len(text), marker, messages[k]["content"], composed=True)
+                turn = _Turn(k, prompt, len(prompt) + len(text), marker, messages[k]["content"] or "", composed=True)
                 separate.append((prompt + text, turn))
                 counts["turns_composed"] += 1
                 continue
             text, marker = target
-            turn = _Turn(k, prompt, len(prompt) + len(text), marker, messages[k]["content"])
+            turn = _Turn(k, prompt, len(prompt) + len(text), marker, messages[k]["content"] or "")
             if last or (full.startswith(prompt) and full.startswith(text, len(prompt))):
                 main.append(turn)
                 continue
@@ -679,6 +684,35 @@ def _probe_render(template: ChatTemplate, messages: list[dict[str, Any]], genera
         return template.render(messages, add_generation_prompt=generation, **kwargs)
     except Exception:
         return None
+
+
+def _tool_call_message(message: dict[str, Any], arguments_as_string: bool, empty_as_none: bool) -> dict[str, Any]:
+    message = dict(message)
+    if arguments_as_string:
+        message["tool_calls"] = [{**call, "function": {**call["function"],
+                                                       "arguments": json.dumps(call["function"]["arguments"], ensure_ascii=False)}}
+                                 for call in message["tool_calls"]]
+    if empty_as_none and not message["content"]:
+        message["content"] = None
+    return message
+
+
+def tool_call_form(template: ChatTemplate) -> tuple[bool, bool]:
+    """How this template wants tool calls: (arguments as a JSON string, empty content as None).
+
+    Servers hand templates the arguments as an object and an empty content as it came; most templates render that. The
+    DeepSeek templates concatenate the arguments as a string and skip a tool call whose content is ``""`` rather than
+    ``None``, which would make every tool-call row a refusal: the first form that renders the call is used.
+    """
+    call = {"type": "function", "function": {"name": "sftdata_probe", "arguments": {"probe_key": "probe_value"}}}
+    user = {"role": "user", "content": _SENT.format("U")}
+    for as_string in (False, True):
+        for as_none in (False, True):
+            message = _tool_call_message({"role": "assistant", "content": "", "tool_calls": [call]}, as_string, as_none)
+            text = _probe_render(template, [user, message])
+            if text and "sftdata_probe" in text and "probe_value" in text and "'probe_key'" not in text:
+                return as_string, as_none
+    return False, False
 
 
 def trailing_header(template: ChatTemplate, added: set[str]) -> str:

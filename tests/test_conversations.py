@@ -12,7 +12,7 @@ import pytest
 from sftdata.record import Message, Record
 from sftdata.render import IGNORE_INDEX, EncodeOptions, Encoder
 from sftdata.templates import load_template
-from template_helpers import OFFICIAL, shared_tokenizer
+from template_helpers import OFFICIAL, deepseek_standin, llama31_standin, mistral_v3_standin, shared_tokenizer
 
 M = IGNORE_INDEX
 ADD = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
@@ -245,3 +245,123 @@ def test_raw_text_control_tokens_are_caught():
     continued = Record("web.txt", 1, text="first part of a long document\n", continued=True)
     _, (part,), _ = encode(tok, "chatml", continued)
     assert tok.eos_token_id not in part.input_ids  # EOS only after a document's last part
+
+
+# -- other families: Llama-3.1, gpt-oss, Mistral v0.3, DeepSeek, QwQ, Qwen3.5 ------------------------------------------
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "Weather.", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+def weather_call(call_id="call12345"):
+    return [call("get_weather", call_id, city="Paris")]
+
+
+def weather_trip(call_id="call12345", **reasoning):
+    first, last = reasoning.get("first"), reasoning.get("last")
+    return [Message("user", "Weather in Paris?"), Message("assistant", "", reasoning=first, tool_calls=weather_call(call_id)),
+            Message("tool", "22C", tool_call_id=call_id, name="get_weather"), Message("assistant", "It is 22C.", reasoning=last)]
+
+
+def test_llama3_1_tool_call_and_eom_under_builtin_tools():
+    """Llama-3.1 ends a tool-call turn with <|eom_id|> when builtin_tools is set: each turn trains its own marker."""
+    record = Record("t.jsonl", 1, weather_trip(), tools=WEATHER)
+    call_ids = [5018, 609, 794, 330, 456, 70464, 498, 330, 14105, 794, 5324, 9103, 794, 330, 60704, 32075]  # {"name": ...}}
+    tok = shared_tokenizer("llama3_1")
+    encoder, (ex,), problems = encode(tok, "llama3", record)
+    assert problems == [] and layout(ex.labels) == [("M", 172), call_ids + [128009], ("M", 14),
+                                                    [2181, 374, 220, 1313, 34, 13, 128009]]  # "It is 22C." <|eot_id|>
+    check_served(tok, encoder.template, record, [ex])
+    tok = llama31_standin()
+    encoder, (ex,), problems = encode(tok, "llama3", record, template_kwargs={"builtin_tools": ["brave_search"]})
+    assert problems == [] and layout(ex.labels) == [("M", 177), call_ids + [128008], ("M", 14),
+                                                    [2181, 374, 220, 1313, 34, 13, 128009]]
+    assert tok.convert_ids_to_tokens([128008]) == ["<|eom_id|>"]
+
+
+def test_gpt_oss_reasoning_tool_call_and_final_answer():
+    """Harmony: the tool-call turn ends <|call|>, the final answer <|return|>; a turn's analysis is trained with it. Once
+    the final answer exists the template drops the tool call's analysis from history, but the server sent it when it
+    asked for the answer: the answer's example is composed after the served prompt (P_k + target)."""
+    tok = shared_tokenizer("gpt-oss")
+    record = Record("t.jsonl", 1, weather_trip(first="Need the weather.", last="Got it."), tools=WEATHER)
+    encoder, examples, problems = encode(tok, "gpt_oss", record, template_date="2026-12-02")
+    assert problems == [] and [(ex.messages, ex.turns) for ex in examples] == [(2, [1]), (4, [3])]
+    # <|channel|> analysis <|message|> Need the weather . <|end|> <|start|> assistant  to = functions.get_weather ...
+    assert layout(examples[0].labels) == [("M", 119), [200005, 35644, 200008, 23483, 290, 11122, 13, 200007, 200006,
+                                                       173781, 316, 28, 44580, 775, 170154, 200005, 12606, 815, 5701,
+                                                       200008, 10848, 17500, 1243, 392, 72782, 18583, 200012]]
+    assert layout(examples[1].labels) == [("M", 164), [200005, 35644, 200008, 52301, 480, 13, 200007, 200006, 173781,
+                                                       200005, 17196, 200008, 3206, 382, 220, 1709, 34, 13, 200002]]
+    served_prompt = encoder.template.render(record.messages_as_dicts()[:3], add_generation_prompt=True, tools=WEATHER,
+                                            strftime_now=lambda fmt: "2026-12-02")
+    assert "Need the weather." in served_prompt  # the served prompt of the answer keeps the call's analysis
+    assert examples[1].input_ids[:164] == tok.backend_tokenizer.encode(served_prompt, add_special_tokens=False).ids
+    assert examples[1].counts["turns_composed"] == 1
+    assert [tok.convert_ids_to_tokens(ex.input_ids[-1]) for ex in examples] == ["<|call|>", "<|return|>"]
+
+
+def test_mistral_v3_tool_calls_and_the_system_prompt_it_moves():
+    """Mistral v0.3 writes the system prompt on the last user turn only when the conversation ends there, so a
+    conversation ending with a reply renders none: each turn is trained after the prompt a server sends (which holds it
+    when the turn answers the user, and not when it answers a tool result)."""
+    tok = mistral_v3_standin()
+    record = Record("t.jsonl", 1, [Message("system", "Be brief."), *weather_trip("abc123XYZ")], tools=WEATHER)
+    encoder, examples, problems = encode(tok, "mistral_v3", record)
+    assert problems == [] and [ex.turns for ex in examples] == [[2], [4]]
+    assert [tok.decode(ex.input_ids[s:e]) for ex in examples for s, e in ex.spans] == [
+        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "abc123XYZ"}]</s>', "It is 22C.</s>"]
+    for ex, has_system in zip(examples, (True, False)):
+        k = ex.turns[0]
+        prompt = encoder.template.render(record.messages_as_dicts()[:k], add_generation_prompt=True, tools=WEATHER)
+        assert ("Be brief." in prompt) is has_system
+        assert ex.input_ids[:ex.spans[0][0]] == tok.backend_tokenizer.encode(prompt, add_special_tokens=False).ids
+
+
+def test_reasoning_templates_whose_prompt_opens_think():
+    """QwQ and DeepSeek-R1 open <think> in the generation prompt and never render reasoning: the target is the
+    reasoning, </think> and the answer as the model writes them after that prompt; inline <think> content is used as
+    written, a reasoning field is closed the family's way."""
+    conversation = [Message("user", "Hi"), Message("assistant", "Hello!", reasoning="I should greet."),
+                    Message("user", "Bye"), Message("assistant", "<think>\nSay bye.\n</think>\n\nBye!")]
+    record = Record("t.jsonl", 1, conversation)
+    for tok, template, eos in ((shared_tokenizer("qwen3"), "qwq", "<|im_end|>"),
+                               (deepseek_standin(), "deepseek_r1", "<｜end▁of▁sentence｜>")):
+        encoder, examples, problems = encode(tok, template, record)
+        assert problems == [] and [ex.turns for ex in examples] == [[1], [3]], template
+        assert [tok.decode(ex.input_ids[s:e]) for ex in examples for s, e in ex.spans] == [
+            f"I should greet.\n</think>\n\nHello!{eos}", f"Say bye.\n</think>\n\nBye!{eos}"]
+        for ex in examples:
+            prompt = encoder.template.render(record.messages_as_dicts()[:ex.turns[0]], add_generation_prompt=True)
+            assert prompt.endswith("<think>\n") and ex.input_ids[:ex.spans[0][0]] == tok.backend_tokenizer.encode(
+                prompt, add_special_tokens=False).ids
+    _, _, problems = encode(shared_tokenizer("qwen3"), "qwq", Record("t.jsonl", 1, [Message("user", "Hi"),
+                                                                                   Message("assistant", "Hello!")]))
+    assert [p.kind for p in problems] == ["missing-reasoning"]
+
+
+def test_deepseek_v3_1_thinking_and_string_arguments():
+    tok = deepseek_standin()
+    record = Record("t.jsonl", 1, [Message("user", "Hi"), Message("assistant", "Hello!", reasoning="I should greet.")])
+    _, (ex,), problems = encode(tok, str(OFFICIAL / "deepseek_v3_1.jinja"), record, template_kwargs={"thinking": True})
+    assert problems == [] and tok.decode(ex.input_ids[ex.spans[0][0]:]) == "I should greet.</think>Hello!<｜end▁of▁sentence｜>"
+    encoder, (ex,), problems = encode(tok, "deepseek_v3", Record("t.jsonl", 2, weather_trip()[:2]))
+    assert problems == [] and encoder.tool_call_form == (True, False)  # DeepSeek concatenates arguments as a string
+    assert tok.decode(ex.input_ids[ex.spans[0][0]:]) == (
+        '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{"city": "Paris"}\n```'
+        '<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>')
+
+
+def test_qwen3_5_empty_think_merges_and_is_tokenized_as_served():
+    """Qwen3.5's prompt ends "<think>\n" and the reply without reasoning starts "\n</think>": in one piece the two
+    newlines merge into one token, which the model never emits; the turn is tok(prompt) + tok(reply)."""
+    tok = shared_tokenizer("qwen3")
+    record = Record("t.jsonl", 1, [Message("user", "Hi"), Message("assistant", "Hello!")])
+    _, (ex,), problems = encode(tok, "qwen3_5", record)
+    assert problems == [] and ex.tokenized_apart
+    # <|im_start|> user \n Hi <|im_end|> \n <|im_start|> assistant \n <think> \n | \n </think> \n\n Hello ! <|im_end|>
+    assert ex.input_ids == [151644, 872, 198, 13048, 151645, 198, 151644, 77091, 198, 151667, 198, 198, 151668, 271, 9707,
+                            0, 151645]
+    assert layout(ex.labels) == [("M", 11), [198, 151668, 271, 9707, 0, 151645]]
+    _, _, problems = encode(tok, "qwen3_5", record, tokenization="context")
+    assert [p.kind for p in problems] == ["serving-prefix-tokens"]

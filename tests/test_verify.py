@@ -14,7 +14,7 @@ from template_helpers import TOKENIZERS, gemma_standin, phi3_standin, require_sh
 
 
 def test_official_pairs_pass_everything():
-    for name, tok in [("llama3", "llama3_1"), ("tokenizer", "llama3_1")]:
+    for name, tok in [("llama3_0", "llama3_1"), ("tokenizer", "llama3_1")]:
         report = verify(shared_tokenizer(tok), name)
         assert report.ok, report.format_text()
         assert report.invariant_ok and report.differs_from_tokenizer is False
@@ -123,8 +123,8 @@ def test_preflight_takes_the_build_encoder():
 
 
 def test_report_json_shape():
-    data = verify(shared_tokenizer("llama3_1"), "llama3").to_dict()
-    assert data["ok"] is True and data["template"]["name"] == "llama3"
+    data = verify(shared_tokenizer("llama3_1"), "llama3_0").to_dict()
+    assert data["ok"] is True and data["template"]["name"] == "llama3_0"
     assert {c["check"] for c in data["checks"]} == {"fidelity", "serving-prefix", "history", "exact-masks",
                                                      "round-trip", "special-tokens"}
     assert len(SUITE) >= 10
@@ -135,7 +135,7 @@ def test_cli_exit_status_and_json():
 
     require_shared("llama3_1")
     runner = CliRunner()
-    ok = runner.invoke(main, ["verify", "--tokenizer", str(TOKENIZERS / "llama3_1"), "--template", "llama3", "--json"])
+    ok = runner.invoke(main, ["verify", "--tokenizer", str(TOKENIZERS / "llama3_1"), "--template", "llama3_0", "--json"])
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout)["ok"] is True
     bad = runner.invoke(main, ["verify", "--tokenizer", str(TOKENIZERS / "qwen3"), "--template", "chatml"])
