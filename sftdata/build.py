@@ -24,13 +24,15 @@ from sftdata.tokenizer import load_tokenizer, tokenizer_identity
 from sftdata.write import (
     FORMAT,
     LABELS_NOTE,
+    OutputClaim,
     SplitWriter,
-    commit_dir,
+    check_output_files,
+    check_output_paths,
     file_sha256,
     fingerprint,
     is_sftdata_output,
+    output_files,
     read_manifest,
-    staging_dir,
     write_manifest,
 )
 
@@ -156,54 +158,64 @@ def build(
         if not Path(path).exists() and not ("/" in path and Path(path).suffix == "" and not path.startswith((".", "/"))):
             raise DataError(f"{path}: no such file or directory")
     output = Path(output)
-    column_map = parse_columns(columns)
-    encode_options = EncodeOptions(train_turns=train_turns, train_on_prompt=train_on_prompt, special_text=special_text)
-
-    tok = load_tokenizer(tokenizer, template=template)
-    tpl = load_template(template, tok)
-    history = plan_history_policy(tpl, history_policy, train_turns)
-    encode_options.train_turns = history.train_turns
-    encoder = Encoder(tpl, tok, encode_options)
-    # Verify the template/tokenizer pair once, before reading any data (GUIDE I1-I4 on a built-in suite).
-    verified = preflight(encoder, history_policy=history_policy)
-    if not verified.invariant_ok and not allow_unverified:
-        raise DataError(f"template {tpl.name!r} with tokenizer {getattr(tok, 'sftdata_name', tok.name_or_path)!r} fails "
-                        f"the invariant checks (pass --allow-unverified to build anyway):\n{verified.format_text()}")
-    warnings: list[str] = []
-    if verified.differs_from_tokenizer:
-        warnings.append(f"template {tpl.name!r} differs from the tokenizer's own chat_template; the trainer saves "
-                        "this training template with the adapter, so serve with it")
-    if not verified.invariant_ok:
-        warnings.append("built with --allow-unverified although the invariant checks failed")
-    tok_identity = tokenizer_identity(tok)
-    # What load_tokenizer() takes to get the same tokenizer back (show, train).
-    tok_identity["load"] = (str(Path(tokenizer).resolve()) if tokenizer and Path(tokenizer).exists()
-                            else tokenizer or tok.sftdata_name.split(" ")[0])
-
-    input_hashes = {p: (file_sha256(p) if Path(p).is_file() else _dir_hash(Path(p))) for p in inputs}
-    options = {
-        "format": format, "columns": column_map, "strip": strip, "max_length": max_length, "truncation": truncation,
-        "train_turns": train_turns, "train_on_prompt": train_on_prompt, "special_text": special_text,
-        "on_error": on_error, "pack": pack, "history_policy": history_policy, "allow_unverified": allow_unverified, "eval_fraction": eval_fraction, "seed": seed,
-        "dedup": dedup, "dedup_options": dedup_options or {}, "decontaminate": [file_sha256(p) for p in decontaminate],
-        "decontaminate_options": decontaminate_options or {},
-    }
-    key = fingerprint([FORMAT, input_hashes, tpl.sha256, tok_identity["sha256"], options])
-    if not force and is_sftdata_output(output):
-        existing = read_manifest(output)
-        if existing.get("fingerprint") == key:
-            return BuildResult(output, existing, up_to_date=True)
-
-    data_started = time.perf_counter()  # setup (tokenizer load, template preflight, input hashes) ends here
-    problems = ProblemLog(on_error=on_error)
-    removed: Counter[str] = Counter()
-    stats: list[ReadStats] = []
-    per_source: dict[str, Counter[str]] = defaultdict(Counter)
-    kept = truncated = 0
-    total_bytes = sum(input_size(p) for p in inputs)
-    # The staging dir is only the in-progress output: any failure removes it and leaves `output` as it was.
-    tmp = staging_dir(output)
+    check_output_paths(output, inputs=[*inputs, *decontaminate], report=report)
+    # Held to the end: a second build of this output fails naming this one; puts back an output a killed build
+    # left moved aside; refuses an output holding files sftdata did not write.
+    claim = OutputClaim(output).acquire()
+    tmp = None
     try:
+        column_map = parse_columns(columns)
+        encode_options = EncodeOptions(train_turns=train_turns, train_on_prompt=train_on_prompt, special_text=special_text)
+
+        tok = load_tokenizer(tokenizer, template=template)
+        tpl = load_template(template, tok)
+        history = plan_history_policy(tpl, history_policy, train_turns)
+        encode_options.train_turns = history.train_turns
+        encoder = Encoder(tpl, tok, encode_options)
+        # Verify the template/tokenizer pair once, before reading any data (GUIDE I1-I4 on a built-in suite).
+        verified = preflight(encoder, history_policy=history_policy)
+        if not verified.invariant_ok and not allow_unverified:
+            raise DataError(f"template {tpl.name!r} with tokenizer {getattr(tok, 'sftdata_name', tok.name_or_path)!r} fails "
+                            f"the invariant checks (pass --allow-unverified to build anyway):\n{verified.format_text()}")
+        warnings: list[str] = []
+        if verified.differs_from_tokenizer:
+            warnings.append(f"template {tpl.name!r} differs from the tokenizer's own chat_template; the trainer saves "
+                            "this training template with the adapter, so serve with it")
+        if not verified.invariant_ok:
+            warnings.append("built with --allow-unverified although the invariant checks failed")
+        tok_identity = tokenizer_identity(tok)
+        # What load_tokenizer() takes to get the same tokenizer back (show, train).
+        tok_identity["load"] = (str(Path(tokenizer).resolve()) if tokenizer and Path(tokenizer).exists()
+                                else tokenizer or tok.sftdata_name.split(" ")[0])
+
+        input_hashes = {p: (file_sha256(p) if Path(p).is_file() else _dir_hash(Path(p))) for p in inputs}
+        options = {
+            "format": format, "columns": column_map, "strip": strip, "max_length": max_length, "truncation": truncation,
+            "train_turns": train_turns, "train_on_prompt": train_on_prompt, "special_text": special_text,
+            "on_error": on_error, "pack": pack, "history_policy": history_policy, "allow_unverified": allow_unverified, "eval_fraction": eval_fraction, "seed": seed,
+            "dedup": dedup, "dedup_options": dedup_options or {}, "decontaminate": [file_sha256(p) for p in decontaminate],
+            "decontaminate_options": decontaminate_options or {},
+        }
+        key = fingerprint([FORMAT, __version__, input_hashes, tpl.sha256, tok_identity["sha256"], options])
+        if not force and is_sftdata_output(output):
+            existing = read_manifest(output)
+            # Up to date only when every file the manifest records is there with its size and sha256.
+            if existing.get("fingerprint") == key and not check_output_files(output, existing):
+                if report is not None:
+                    shutil.copyfile(output / "removed.jsonl", report)
+                return BuildResult(output, existing, up_to_date=True)
+
+        data_started = time.perf_counter()  # setup (tokenizer load, template preflight, input hashes) ends here
+        problems = ProblemLog(on_error=on_error)
+        removed: Counter[str] = Counter()
+        stats: list[ReadStats] = []
+        per_source: dict[str, Counter[str]] = defaultdict(Counter)
+        kept = truncated = 0
+        lost_to_truncation: Counter[str] = Counter()
+        assistant_turns: Counter[int] = Counter()  # per conversation that reaches the encoder (after cleaning)
+        total_bytes = sum(input_size(p) for p in inputs)
+        # The staging dir is only the in-progress output: any failure removes it and leaves `output` as it was.
+        tmp = claim.stage()
         # Raw-text corpora are packed as fixed blocks (the continued-pretraining convention): long documents are cut
         # across blocks, never truncated.
         raw_text_blocks = pack and all(_input_format(p, format, column_map) == "text" for p in inputs)
@@ -233,6 +245,7 @@ def build(
                         for removal in removals:
                             removed[removal.reason] += 1
                             removed_file.write(json.dumps(removal.to_dict(), ensure_ascii=False) + "\n")
+                    assistant_turns.update(sum(m.role == "assistant" for m in r.messages) for r in batch if r.is_chat)
                     yield expand_for_history_policy(batch, tpl, history.applied)
 
             n_workers = max(1, workers)
@@ -249,6 +262,8 @@ def build(
                         if cut is None:
                             _too_long(problems, example, max_length, "truncation would leave no trained token")
                             continue
+                        lost_to_truncation["tokens"] += len(example.input_ids) - len(cut.input_ids)
+                        lost_to_truncation["trained"] += example.num_trained - cut.num_trained
                         example = cut
                         truncated += 1
                     split = assign_split(input_hashes[example.source], example.row, eval_fraction, seed)
@@ -300,7 +315,10 @@ def build(
                 "truncated": truncated,
             },
             "tokens": {"total": total_tokens, "trained": trained_tokens,
-                       "per_source": {k: dict(v) for k, v in per_source.items()}},
+                       "per_source": {k: dict(v) for k, v in per_source.items()},
+                       "lost_to_truncation": {"tokens": lost_to_truncation["tokens"],
+                                              "trained": lost_to_truncation["trained"]}},
+            "conversations": {"assistant_turns": {str(k): v for k, v in sorted(assistant_turns.items())}},
             "splits": splits,
             "packing": packing,
             "cleaning": {name: stage.summary() for name, stage in cleaners.items()},
@@ -311,11 +329,17 @@ def build(
             "seconds": round(time.perf_counter() - started, 3),
             "seconds_setup": round(data_started - started, 3),
         }
+        manifest["files"] = output_files(tmp)
         write_manifest(tmp, manifest)
-        commit_dir(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        claim.commit(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and (message := claim.describe_error(e, report=report)) is not None:
+            raise DataError(message) from None
         raise
+    finally:
+        claim.release()
     return BuildResult(output, manifest)
 
 
