@@ -198,3 +198,22 @@ def test_stats_help_mentions_only_what_it_takes():
     mentioned = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", text))
     taken = {"--html", "--json", "--color", "--no-color", "--help"}
     assert mentioned - taken == {"--max-length"} and "(build --max-length)" in " ".join(text.split())
+
+
+def test_tokens_lost_to_truncation_match_an_untruncated_build(tmp_path):
+    from sftdata.build import build
+
+    chat = str(REPO / "examples" / "data" / "chat.jsonl")
+    full = build([chat], output=tmp_path / "full").manifest
+    cut = build([chat], output=tmp_path / "cut", max_length=40).manifest
+    kept = {r["row"] for r in pq.read_table(tmp_path / "cut" / "train-00000.parquet", columns=["row"]).to_pylist()}
+    rows = [r for r in pq.read_table(tmp_path / "full" / "train-00000.parquet", columns=["row", "labels"]).to_pylist()
+            if r["row"] in kept]  # rows left with no trained token after the cut are skipped, not truncated
+    expected_tokens = sum(max(0, len(r["labels"]) - 40) for r in rows)
+    expected_trained = sum(sum(1 for x in r["labels"][40:] if x != -100) for r in rows)
+    assert cut["tokens"]["lost_to_truncation"] == {"tokens": expected_tokens, "trained": expected_trained}
+    assert full["tokens"]["lost_to_truncation"] == {"tokens": 0, "trained": 0}
+    assert cut["tokens"]["total"] + expected_tokens == sum(len(r["labels"]) for r in rows)
+    report = stats(tmp_path / "cut")
+    assert (report["truncation"]["tokens_lost"], report["truncation"]["trained_tokens_lost"]) == (
+        expected_tokens, expected_trained)
