@@ -137,12 +137,14 @@ def build(
 ) -> BuildResult:
     """Build training-ready token data from ``inputs`` into ``output`` (Parquet + ``manifest.json``).
 
-    Every row either becomes an example whose labels satisfy the guide's invariants I1–I5 or is counted in the
-    manifest with its reason (``--on-error skip``), or stops the build (``on_error="fail"``). When ``output``
-    already holds a build with the same fingerprint (input bytes, template, tokenizer, options) nothing is redone
-    unless ``force``. ``history_policy`` (auto/split/last/fail) handles templates that render earlier turns
-    differently from the final one (Qwen3 thinking); ``allow_unverified`` builds even when the template/tokenizer
-    pair fails the preflight invariant checks. ``workers``: encoder processes (1 = in-process; on a 2-core machine a pool measured slower, see bench/).
+    Every row either becomes an example whose labels satisfy the invariants I1–I5 (docs/invariants.md) or is counted
+    in the manifest with its reason (``--on-error skip``), or stops the build (``on_error="fail"``). When ``output``
+    already holds a build with the same fingerprint (input bytes, template, tokenizer, options, sftdata version) and
+    every file it records is intact, nothing is redone unless ``force`` (``report`` is still written). The output is
+    locked for the build, replaced as a whole, and never holds files sftdata did not write (O1–O6).
+    ``history_policy`` (auto/split/last/fail) handles templates that render earlier turns differently from the final
+    one (Qwen3 thinking); ``allow_unverified`` builds even when the template/tokenizer pair fails the preflight
+    invariant checks. ``workers``: encoder processes (1 = in-process; on a 2-core machine a pool measured slower, see bench/).
     """
     started = time.perf_counter()
     inputs = [inputs] if isinstance(inputs, (str, Path)) else [str(p) for p in inputs]
@@ -172,7 +174,7 @@ def build(
         history = plan_history_policy(tpl, history_policy, train_turns)
         encode_options.train_turns = history.train_turns
         encoder = Encoder(tpl, tok, encode_options)
-        # Verify the template/tokenizer pair once, before reading any data (GUIDE I1-I4 on a built-in suite).
+        # Verify the template/tokenizer pair once, before reading any data (I1-I4 of docs/invariants.md on a built-in suite).
         verified = preflight(encoder, history_policy=history_policy)
         if not verified.invariant_ok and not allow_unverified:
             raise DataError(f"template {tpl.name!r} with tokenizer {getattr(tok, 'sftdata_name', tok.name_or_path)!r} fails "
