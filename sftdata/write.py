@@ -120,23 +120,32 @@ def lock_path(output: str | Path) -> Path:
     return output.with_name(f".{output.name}.lock")
 
 
+def refuse_overwriting_inputs(option: str, path: str | Path, inputs: Iterable[str | Path]) -> None:
+    """Raise :class:`DataError` when output file ``path`` (given as ``option``, e.g. ``--report``) is one of
+    ``inputs``, by resolved path or as the same file under another name (a hard or symbolic link)."""
+    target = Path(path)
+    for source in (Path(p) for p in inputs):
+        if not source.exists():  # a hub id
+            continue
+        same = target.resolve() == source.resolve() or (target.exists() and os.path.samefile(target, source))
+        if same:
+            raise DataError(f"{option} {path} is the input {source}; it would be overwritten: choose another file")
+
+
 def check_output_paths(output: str | Path, *, inputs: Iterable[str | Path], report: str | Path | None = None) -> None:
     """Refuse output paths that would overwrite an input: the output directory holding (or being) an input, or
     ``report`` being an input or lying inside the output directory (which the build replaces). Pure path checks."""
+    inputs = list(inputs)
     out = Path(output).resolve()
-    existing = [Path(p) for p in inputs if Path(p).exists()]  # hub ids are not local paths
-    for path in existing:
+    for path in (Path(p) for p in inputs):
         resolved = path.resolve()
-        if resolved == out or out in resolved.parents:
+        if path.exists() and (resolved == out or out in resolved.parents):
             raise DataError(f"input {path} is inside the output directory {out}, which the build replaces; "
                             "choose another --output")
     if report is None:
         return
-    report_path = Path(report)
-    resolved = report_path.resolve()
-    for path in existing:
-        if resolved == path.resolve() or (report_path.exists() and os.path.samefile(report_path, path)):
-            raise DataError(f"--report {report} is the input {path}; it would be overwritten: choose another file")
+    refuse_overwriting_inputs("--report", report, inputs)
+    resolved = Path(report).resolve()
     if resolved == out or out in resolved.parents:
         raise DataError(f"--report {report} is inside the output directory {out}, which the build replaces (it holds "
                         "removed.jsonl already); write the report elsewhere")

@@ -67,9 +67,11 @@ def test_report_pointing_at_an_input_is_refused_and_the_input_untouched(tmp_path
     evals = write_rows(tmp_path / "eval.jsonl", 1)
     with pytest.raises(DataError, match=r"is the input .*eval.jsonl"):
         build([str(src)], output=tmp_path / "out", tokenizer=TOK, decontaminate=[str(evals)], report=evals)
-    os.link(src, tmp_path / "hardlink.jsonl")  # the same file under another name
-    with pytest.raises(DataError, match="is the input"):
-        build([str(src)], output=tmp_path / "out", tokenizer=TOK, report=tmp_path / "hardlink.jsonl")
+    os.link(src, tmp_path / "hardlink.jsonl")  # the same file under other names
+    (tmp_path / "symlink.jsonl").symlink_to(src)
+    for alias in ("hardlink.jsonl", "symlink.jsonl"):
+        with pytest.raises(DataError, match=rf"--report .*{alias} is the input .*in.jsonl"):
+            build([str(src)], output=tmp_path / "out", tokenizer=TOK, report=tmp_path / alias)
     assert src.read_bytes() == before and not (tmp_path / "out").exists()
 
 
