@@ -7,7 +7,6 @@ one output cannot run at once; files sftdata did not write are never replaced (s
 from __future__ import annotations
 
 import errno
-import fcntl
 import glob
 import hashlib
 import json
@@ -23,6 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sftdata.record import DataError
+
+try:
+    import fcntl
+except ImportError:  # Windows: builds of one output are not locked against each other there
+    fcntl = None
 
 MANIFEST = "manifest.json"
 FORMAT = "sftdata/1"
@@ -104,6 +108,10 @@ def is_sftdata_output(directory: Path) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 OWN_FILES = (MANIFEST, "problems.jsonl", "removed.jsonl")
+
+
+class OutputLocked(DataError):
+    """Another build holds the output's lock."""
 
 
 def _sibling(output: Path, kind: str, pid: int | str = "*") -> Path:
@@ -270,11 +278,12 @@ class OutputClaim:
                 message = describe_write_error(e, output, written=[self.lock, _existing_parent(output)])
                 raise DataError(message or f"cannot create {self.lock}: {e.strerror}") from None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise DataError(f"output {output} is being built by {_holder(self.lock)}; wait for that build to "
-                                "finish or choose another --output") from None
+                raise OutputLocked(f"output {output} is being built by {_holder(self.lock)}; wait for that build to "
+                                   "finish or choose another --output") from None
             # The holder before us removes the file when it finishes: we may have locked a file that is no longer
             # at that path, which locks nothing. Keep the lock only if the path still names the file we locked.
             try:
@@ -290,8 +299,8 @@ class OutputClaim:
             command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
             info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
                     "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(info).encode(), 0)
+            os.ftruncate(self._fd, 0)
+            os.write(self._fd, json.dumps(info).encode())
             recover_locked(output)
             if check_contents:
                 self._check_contents()
@@ -320,7 +329,8 @@ class OutputClaim:
                 os.unlink(self.lock)  # while still holding it, so nobody locks a file that is about to go
             except OSError:
                 pass
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            if fcntl is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
 
@@ -347,7 +357,12 @@ class OutputClaim:
             old = _sibling(output, "old", os.getpid())
             shutil.rmtree(old, ignore_errors=True)
             output.rename(old)
-        tmp.rename(output)
+        try:
+            tmp.rename(output)
+        except BaseException:
+            if old is not None and not output.exists():
+                old.rename(output)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -381,10 +396,10 @@ def restore_interrupted(output: str | Path) -> bool:
     claim = OutputClaim(output)
     try:
         claim.acquire(check_contents=False)
-    except DataError as e:
-        if "is being built by" in str(e):
-            raise DataError(f"{output} is being replaced by a running build ({_holder(claim.lock)}); "
-                            "try again when it has finished") from None
+    except OutputLocked:
+        raise DataError(f"{output} is being replaced by a running build ({_holder(claim.lock)}); try again when it "
+                        "has finished") from None
+    except DataError:  # cannot even create the lock file: nothing can be moved back either
         return False
     claim.release()
     return output.exists()

@@ -206,6 +206,31 @@ def test_a_build_restores_a_moved_aside_output_and_cleans_stale_siblings(tmp_pat
     assert siblings(out) == []
 
 
+def test_a_reader_waits_for_a_live_build_in_its_swap_and_a_failed_swap_rolls_back(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    first = build([str(write_rows(tmp_path / "in.jsonl", 3))], output=out, tokenizer=TOK).manifest
+    with OutputClaim(out) as claim:  # a live build, between its two renames
+        out.rename(tmp_path / f".out.old-{os.getpid()}")
+        with pytest.raises(DataError, match=rf"^{out} is being replaced by a running build \(pid {os.getpid()} on "):
+            read_manifest(out)
+        (tmp_path / f".out.old-{os.getpid()}").rename(out)
+        staged = claim.stage()
+        (staged / "manifest.json").write_text("{}")
+        rename = Path.rename
+
+        def failing(self, target):
+            if self == staged:
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            return rename(self, target)
+
+        monkeypatch.setattr(Path, "rename", failing)
+        with pytest.raises(OSError):
+            claim.commit(staged)
+        monkeypatch.undo()
+        assert out.is_dir() and not (tmp_path / f".out.old-{os.getpid()}").exists()  # rolled back at once
+    assert assert_intact(out)["created"] == first["created"]
+
+
 @pytest.mark.slow
 def test_kill_9_at_random_points_leaves_a_complete_output(tmp_path):
     """SIGKILL builds at random moments of their data phase (reading, writing shards, packing, the swap): the output
