@@ -219,12 +219,8 @@ def describe_write_error(error: OSError, output: str | Path, *, written: Iterabl
     output = Path(output)
     text = str(error)
     if error.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text:
-        try:
-            free = f" ({shutil.disk_usage(_existing_parent(output)).free / 2**20:,.0f} MiB free there now)"
-        except OSError:
-            free = ""
-        return (f"no space left on the device while writing {output}{free}; nothing was replaced: free some space "
-                "or choose an --output on another disk")
+        return (f"no space left on the device while writing {output}; nothing was replaced: free some space or "
+                "choose an --output on another disk")
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         roots = [str(Path(p).resolve()) for p in (output, *written)]
         where = str(error.filename) if error.filename else next((r for r in roots if r in text), None)
@@ -304,8 +300,10 @@ class OutputClaim:
             recover_locked(output)
             if check_contents:
                 self._check_contents()
-        except BaseException:
+        except BaseException as e:
             self.release()
+            if isinstance(e, OSError) and (message := self.describe_error(e)) is not None:
+                raise DataError(message) from None
             raise
         return self
 
