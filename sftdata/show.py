@@ -80,7 +80,7 @@ def parse_where(where: str) -> tuple[str, int]:
 
 def _source_matches(value: str, wanted: str) -> bool:
     """An input path as the manifest records it matches ``wanted`` given in full, relative or by file name."""
-    if value == wanted or Path(value).name == wanted or value.endswith("/" + wanted.lstrip("./")):
+    if value == wanted or Path(value).name == wanted or value.endswith("/" + wanted.removeprefix("./")):
         return True
     try:
         return Path(value).resolve() == Path(wanted).resolve()
