@@ -48,7 +48,9 @@ def main() -> None:
 @click.option("--tokenizer", default=None,
               help="Local tokenizer directory or hub id. Default: the bundled qwen3 tokenizer "
                    "(mistral-7b-v0.1 for --template llama2/alpaca).")
-@click.option("--output", "-o", default="sftdata-out", show_default=True, help="Output directory (replaced atomically).")
+@click.option("--output", "-o", default="sftdata-out", show_default=True,
+              help="Output directory, replaced as a whole when the build succeeds; a build refuses one that holds "
+                   "files sftdata did not write, and two builds of one output cannot run at once.")
 @click.option("--format", "fmt", type=click.Choice(["alpaca", "messages", "sharegpt", "prompt-completion", "text"]),
               default=None, help="Force the row format instead of detecting it per file.")
 @click.option("--columns", default=None, metavar="MAP",
@@ -118,7 +120,10 @@ def build_command(inputs, template, tokenizer, output, fmt, columns, strip, max_
     for warning in manifest.get("warnings", []):
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     if result.up_to_date:
-        console.print(f"{escape(str(result.output))} is up to date (same inputs, template, tokenizer and options); --force rebuilds")
+        console.print(f"{escape(str(result.output))} is up to date (same inputs, template, tokenizer, options and "
+                      "sftdata version; every file as written); --force rebuilds")
+        if report:
+            console.print(f"wrote {escape(report)} (the rows removed in that build, from its removed.jsonl)")
     elif not quiet:
         print_summary(manifest, str(result.output))
     if manifest["counts"]["rows_kept"] == 0:
@@ -156,7 +161,9 @@ def print_summary(manifest: dict, output: str) -> None:
         table.add_row(f"  skipped: {kind}", f"[red]{n:,}[/]")
     for reason, n in counts["removed"].items():
         table.add_row(f"  removed: {reason}", f"[yellow]{n:,}[/]")
-    table.add_row("truncated", f"{counts['truncated']:,}")
+    lost = tokens.get("lost_to_truncation") or {}
+    cut_off = f" ({lost['tokens']:,} tokens cut off, {lost['trained']:,} of them trained)" if lost.get("tokens") else ""
+    table.add_row("truncated", f"{counts['truncated']:,}{cut_off}")
     for key, label in (("examples_split", "turns split into their own example (history policy)"),
                        ("turns_untrained_history", "turns left as context (history policy last)"),
                        ("tokenized_apart", "turns tokenized as tok(prompt) + tok(reply)"),
@@ -195,20 +202,27 @@ def print_summary(manifest: dict, output: str) -> None:
 
 
 @main.command("show")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False))
-@click.option("--row", "-r", type=click.IntRange(min=0), default=0, show_default=True, help="First row to show.")
+@click.argument("directory", default="sftdata-out", type=click.Path(file_okay=False))
+@click.option("--row", "-r", type=click.IntRange(min=0), default=0, show_default=True,
+              help="First row to show (with --where/--source/--truncated: the first matching row to show).")
 @click.option("--count", "-n", type=click.IntRange(min=1), default=1, show_default=True, help="How many rows.")
 @click.option("--split", default="train", show_default=True)
+@click.option("--where", metavar="FILE:ROW", default=None,
+              help="The row built from row ROW (1-based) of input FILE, e.g. data.jsonl:17.")
+@click.option("--source", metavar="FILE", default=None, help="Only rows built from input FILE (path or file name).")
+@click.option("--truncated", is_flag=True, help="Only rows cut by --max-length.")
 @click.option("--ids", is_flag=True, help="Show a table of token index, id, text and label instead of the stream.")
 @click.option("--sep", default="", metavar="TEXT", help="Text printed between tokens, e.g. '|', to see token boundaries.")
 @click.option("--color/--no-color", default=None, help="Force colour on or off (default: when the terminal has it).")
 @reports_errors
-def show_command(directory, row, count, split, ids, sep, color):
-    """Show built rows token by token: ⟦trained⟧ tokens in green, masked (-100) tokens in red."""
+def show_command(directory, row, count, split, where, source, truncated, ids, sep, color):
+    """Show built rows of DIRECTORY (default sftdata-out) token by token: ⟦trained⟧ tokens in green, masked (-100)
+    tokens in red, whitespace visible, ✂ where truncation cut an example."""
     from sftdata.show import show
 
     out = Console(highlight=False, no_color=(color is False), force_terminal=True if color else None)
-    show(directory, row=row, count=count, split=split, ids=ids, separator=sep, color=color, console=out)
+    show(directory, row=row, count=count, split=split, ids=ids, separator=sep, where=where, source=source,
+         truncated=truncated, color=color, console=out)
 
 
 @main.command("templates")

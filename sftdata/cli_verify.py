@@ -35,6 +35,7 @@ _STYLE = {"pass": "[green]pass[/]", "fail": "[bold red]FAIL[/]", "skip": "[dim]s
 def verify_command(tokenizer, template, history_policy, special_text, tokenization, template_kwargs, as_json, verbose):
     """Check TEMPLATE on TOKENIZER: byte-identity with the tokenizer's chat_template, serving prefix (I2), exact masks
     (I3/I4), round trip and special tokens, on a built-in suite of conversations. Exit status 0 only when all pass.
+    The invariants are defined in docs/invariants.md.
 
     \b
     sftdata verify --tokenizer ./Qwen3-8B --template qwen3
