@@ -316,13 +316,16 @@ class Encoder:
                          f"of the turn rendered as the last message ({_excerpt(prompt, through)}), and the difference is "
                          "neither a context the template renders differently nor a reasoning block the prompt opens")
         j = next((i for i in range(k - 1, -1, -1) if messages[i]["role"] != "assistant"), None)
-        anchor = (messages[j].get("content") or "").strip() if j is not None else ""
-        if not anchor:
+        content = (messages[j].get("content") or "").strip() if j is not None else ""
+        if not content:
             raise refuse
         sentinel = render(messages[:k] + [{"role": "assistant", "content": _SENT.format("C")}])
-        at = sentinel.rfind(anchor, 0, sentinel.find(_SENT.format("C")))
-        p_at = prompt.rfind(anchor)
-        if at < 0 or p_at < 0 or through[:at + len(anchor)] != sentinel[:at + len(anchor)]:
+        for anchor in (content, json.dumps(content, ensure_ascii=False)[1:-1]):  # as written, or JSON-encoded
+            at = sentinel.rfind(anchor, 0, sentinel.find(_SENT.format("C")))
+            p_at = prompt.rfind(anchor)
+            if at >= 0 and p_at >= 0 and through[:at + len(anchor)] == sentinel[:at + len(anchor)]:
+                break
+        else:
             raise refuse
         p_after, q_after = prompt[p_at + len(anchor):], through[at + len(anchor):]
         if q_after.startswith(p_after):
@@ -385,7 +388,9 @@ class Encoder:
                                                     f"({missing[0]!r} is missing): the model would be trained to call "
                                                     "functions it was never shown")
         for i, message in enumerate(messages):
-            if message["role"] == "tool" and message["content"].strip() and message["content"].strip() not in full:
+            result = (message.get("content") or "").strip() if message["role"] == "tool" else ""
+            # some templates JSON-encode results (gpt-oss, Llama-3.1): the escaped text counts as rendered
+            if result and result not in full and json.dumps(result, ensure_ascii=False)[1:-1] not in full:
                 raise Refused("tool-result-not-rendered",
                               f"message {i}: template {self.template.name!r} does not render this tool result")
 
