@@ -68,6 +68,20 @@ def quiet_library_loggers() -> None:
     kernel only serves the repacked inference layout, which :func:`disable_cpu_4bit_repacking` turns off anyway.
     """
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # checkpoint rotation on filesystems with coarse timestamps: transformers falls back to step order, which is
+    # what the run wants anyway
+    rotation = logging.getLogger("transformers.trainer_utils")
+    if not any(isinstance(f, _DropMessages) for f in rotation.filters):
+        rotation.addFilter(_DropMessages("mtime may not be reliable"))
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
 
 
 @contextlib.contextmanager
@@ -1213,7 +1227,7 @@ def train(
     with quiet_library_warnings():
         result = trainer.train(resume_from_checkpoint=resume_from)
         runtime = time.time() - start
-        eval_metrics = trainer.evaluate() if p.eval_split is not None else {}
+        eval_metrics = _final_eval(trainer, cfg) if p.eval_split is not None else {}
         trainer.save_model(str(output))
     notes += save_tokenizer(tok, output, source=p.tokenizer_source)
     trainer.save_state()  # output/trainer_state.json with log_history
@@ -1274,6 +1288,15 @@ def train(
     }
     (output / TRAIN_INFO).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
     return res
+
+
+def _final_eval(trainer, cfg: TrainConfig) -> dict[str, Any]:
+    """Validation metrics of the model being saved: those of an evaluation at the last step when there was one
+    (and no earlier best checkpoint was loaded back), else a new evaluation."""
+    last = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if last and last[-1].get("step") == trainer.state.global_step and cfg.early_stopping_patience is None:
+        return last[-1]
+    return trainer.evaluate()
 
 
 def save_tokenizer(tokenizer: Any, output: Path, *, source: str | None = None) -> list[str]:
