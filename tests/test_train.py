@@ -486,17 +486,29 @@ def test_cli_logs_plain_lines_when_stdout_is_not_a_terminal_and_reports_to_tenso
     assert events and all(e.stat().st_size > 0 for e in events)
 
 
-def test_gpu_bench_script_plans_on_cpu(capsys):
+def test_gpu_bench_plans_and_runs_its_modes_on_cpu(tmp_path, capsys):
+    """bench/bench_qlora_gpu.py on a CPU: the 8B plan with the real Llama-3.1 vocabulary, and two of its modes
+    on a tiny model: the loss on identical examples before the first update agrees across modes."""
     import importlib.util
 
     path = __import__("pathlib").Path(__file__).resolve().parents[1] / "bench" / "bench_qlora_gpu.py"
     spec = importlib.util.spec_from_file_location("bench_qlora_gpu", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--check", "--seq-len", "256", "--steps", "2", "--rows", "1"])
+    bench.main(["--check", "--preset", "8b", "--tokenizer", str(tf.shared_path("tokenizers", "llama3_1"))])
     out = capsys.readouterr().out
     info = json.loads(out[: out.index("check only")])
-    assert info["preset"] == "Llama-3.2-1B" and 0.9 < info["pack_fill"] <= 1.0
+    assert (info["preset"], info["vocab"], info["params"]) == ("Llama-3.1-8B", 128256, 8_030_261_248)
+    assert info["lora_params"] == 41_943_040 and 0.9 < info["pack_fill"] <= 1.0 and info["estimate_peak_GiB"] > 0
+
+    argv = ["--preset", "tiny", "--device", "cpu", "--tokenizer", str(tf.shared_path("tokenizers", "mistral-7b-v0.1")),
+            "--seq-len", "128", "--rows", "2", "--steps", "2", "--warmup-steps", "1", "--workdir", str(tmp_path)]
+    args = bench.parse_args(argv)
+    bench.build_model(bench.plan(args), tmp_path / "model", "cpu", 0)
+    results = {m: bench.main(argv + ["--mode", m])[0] for m in ("sftdata", "hf-flattening")}
+    assert results["sftdata"]["probe_loss"] == pytest.approx(results["hf-flattening"]["probe_loss"], abs=1e-4)
+    assert results["hf-flattening"]["padding_share"] == 0.0
+    assert all(r["steps"] == 2 and r["tokens_per_s"] > 0 and r["trained_tokens_per_s"] > 0 for r in results.values())
 
 
 def test_trains_on_real_sftdata_build_output(tmp_path):
