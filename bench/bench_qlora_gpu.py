@@ -194,6 +194,10 @@ def load_qlora_model(model_dir: Path, device: str):
                                                  device_map={"": 0 if device == "cuda" else "cpu"},
                                                  attn_implementation="sdpa")
     model.config.use_cache = False
+    if device == "cpu":  # CPU smoke runs only: keep bitsandbytes from repacking weights into a no-autograd layout
+        from sftdata.train import disable_cpu_4bit_repacking
+
+        disable_cpu_4bit_repacking(model)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, LoraConfig(**LORA, target_modules="all-linear", bias="none", task_type="CAUSAL_LM"))
     model.enable_input_require_grads()
