@@ -128,8 +128,8 @@ def merge_command(adapter_dir, output, base_model, dtype):
 _DEFAULTS = TrainConfig()
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:,.2f}"
+def _amount(n: float, unit: str) -> str:
+    return f"{n / (2**30 if unit == 'GiB' else 2**20):,.2f}"
 
 
 @click.command("memory")
@@ -184,7 +184,8 @@ def memory_command(model, model_option, batch_size, seq_len, compute, device, gr
         return
     from rich.table import Table
 
-    title = (f"sftdata train peak memory, GiB: {batch_size} × {seq_len} tokens, {compute}, "
+    unit = "GiB" if max(e.peak_bytes for _, est in rows for e in est) >= 2**30 else "MiB"
+    title = (f"sftdata train peak memory, {unit}: {batch_size} × {seq_len} tokens, {compute}, "
              f"{'gradient checkpointing' if gradient_checkpointing else 'no checkpointing'}, LoRA r={lora_r} "
              f"{target_modules} dropout {lora_dropout}, {optim}, NF4 {nf4_bits_per_param(not no_double_quant):.3f} "
              "bits/param")
@@ -198,8 +199,8 @@ def memory_command(model, model_option, batch_size, seq_len, compute, device, gr
                  ("optimizer states", "optimizer_bytes"), ("activations (saved)", "activations_bytes"),
                  ("logits (peak)", "logits_bytes")]
         for label, key in items:
-            table.add_row(label, *[_gib(getattr(e, key)) for e in estimates])
-        table.add_row("[bold]peak[/bold]", *[f"[bold]{_gib(e.peak_bytes)}[/bold]" for e in estimates])
+            table.add_row(label, *[_amount(getattr(e, key), unit) for e in estimates])
+        table.add_row("[bold]peak[/bold]", *[f"[bold]{_amount(e.peak_bytes, unit)}[/bold]" for e in estimates])
         table.add_row("peak reached at", *[e.peak_phase for e in estimates])
         table.add_row("trainable params", *[f"{e.trainable_params / 1e6:,.1f}M "
                                             f"({100 * e.trainable_params / e.params:.2f}%)" for e in estimates])
@@ -208,7 +209,8 @@ def memory_command(model, model_option, batch_size, seq_len, compute, device, gr
         for col in ("model", "params", "full FT", "LoRA", "QLoRA", "LoRA trainable", "QLoRA static"):
             table.add_column(col, justify="left" if col == "model" else "right", no_wrap=col == "model")
         for name, (full, lora, qlora) in rows:
-            table.add_row(name, f"{full.params / 1e9:,.2f}B", _gib(full.peak_bytes), _gib(lora.peak_bytes),
-                          _gib(qlora.peak_bytes), f"{lora.trainable_params / 1e6:,.1f}M "
-                          f"({100 * lora.trainable_params / lora.params:.2f}%)", _gib(qlora.static_bytes))
+            table.add_row(name, f"{full.params / 1e9:,.2f}B", _amount(full.peak_bytes, unit),
+                          _amount(lora.peak_bytes, unit), _amount(qlora.peak_bytes, unit),
+                          f"{lora.trainable_params / 1e6:,.1f}M ({100 * lora.trainable_params / lora.params:.2f}%)",
+                          _amount(qlora.static_bytes, unit))
     _console().print(table)

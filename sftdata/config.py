@@ -56,7 +56,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             data = yaml.safe_load(text)
     except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {first}") from None
+        kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
+        raise ConfigError(f"{path}: not valid {kind}: {first}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

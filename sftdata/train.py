@@ -92,7 +92,8 @@ def quiet_library_warnings() -> Iterator[None]:
     """
     with warnings.catch_warnings():
         # peft asks transformers for `is_gradient_checkpointing`, which transformers 5 deprecates in its own favour
-        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated",
+                                category=FutureWarning)
         # bitsandbytes runs the paged optimizers unpaged on CPU, and says so once per parameter
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
         # torch.utils.checkpoint's notice about a default the trainer sets explicitly
@@ -751,7 +752,8 @@ def _trainer_classes():
             if "eval_loss" in logs:
                 self.progress.console.print(
                     f"eval step {state.global_step}: loss {logs['eval_loss']:.4f}  "
-                    f"perplexity {logs.get('eval_perplexity', float('nan')):.3f}  ({logs.get('eval_tokens', 0):,} tokens)"
+                    f"perplexity {logs.get('eval_perplexity', float('nan')):.3f}  "
+                    f"({logs.get('eval_tokens', 0):,} tokens)"
                 )
 
         def on_train_end(self, args, state, control, **kwargs):
