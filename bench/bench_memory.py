@@ -113,7 +113,8 @@ def measure(case: str, work: Path, rows: int, seq_len: int, tiny: bool = False) 
                                               gradient_checkpointing=cfg.gradient_checkpointing, packed=True),
                    lora_r=cfg.lora_r, target_modules=cfg.target_modules, lora_dropout=cfg.lora_dropout,
                    optim=cfg.optim, double_quant=cfg.double_quant)
-    result = {"case": case, "rows": rows, "seq_len": seq_len, "vocab": arch.vocab_size, "measured_MiB": round(measured / 2**20, 1),
+    result = {"case": case, "rows": rows, "seq_len": seq_len, "vocab": arch.vocab_size,
+              "measured_MiB": round(measured / 2**20, 1),
             "estimated_MiB": round(est.peak_bytes / 2**20, 1), "ratio": round(est.peak_bytes / measured, 3),
             "measured_static_MiB": round((marks["params"] + marks["optimizer"]) / 2**20, 1),
             "estimated_static_MiB": round((est.weights_bytes + est.adapter_bytes + est.optimizer_bytes) / 2**20, 1),
