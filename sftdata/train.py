@@ -792,6 +792,7 @@ class TrainResult:
     best_eval_loss: float | None = None
     stopped_early: bool = False
     peak_memory: dict[str, Any] = field(default_factory=dict)
+    memory_estimate_GiB: float | None = None
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -973,6 +974,7 @@ class Prepared:
     total_params: int
     learning_rate: float
     notes: list[str]
+    memory_estimate_bytes: float | None = None  # sftdata.memory's peak for this run (None: not a Llama-style model)
 
 
 def _as_config(config: TrainConfig | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -1102,7 +1104,25 @@ def prepare_trainer(
     return Prepared(trainer=trainer, tokenizer=tok, tokenizer_source=tok_source, manifest=manifest, config=cfg,
                     precision=precision, model_path=model_path, output=output, data_dir=data_dir,
                     train_split=train_split, eval_split=eval_split, trainable_params=trainable, total_params=total,
-                    learning_rate=learning_rate, notes=notes)
+                    learning_rate=learning_rate, notes=notes,
+                    memory_estimate_bytes=_memory_estimate(model_config, cfg, precision, train_split, flatten))
+
+
+def _memory_estimate(model_config, cfg: TrainConfig, precision: str, split: SplitData, flatten: bool):
+    """``sftdata memory``'s peak for this run (the longest row as the row length), or None where it does not apply."""
+    import torch
+
+    from sftdata.memory import Architecture, Workload, estimate
+
+    try:
+        arch = Architecture.from_config(model_config)
+        work = Workload(batch_size=cfg.batch_size, seq_len=split.max_row_tokens, compute=precision,
+                        device="cuda" if torch.cuda.is_available() else "cpu",
+                        gradient_checkpointing=cfg.gradient_checkpointing, packed=split.packed, flatten=flatten)
+        return estimate(arch, cfg.method, work, lora_r=cfg.lora_r, target_modules=_target_modules(cfg.target_modules),
+                        lora_dropout=cfg.lora_dropout, optim=cfg.optim, double_quant=cfg.double_quant).peak_bytes
+    except (ValueError, KeyError, TypeError):  # not a Llama-style decoder, or an optimizer the model leaves out
+        return None
 
 
 def _progress_mode(progress: bool | str, console: Any) -> str:
@@ -1172,6 +1192,8 @@ def startup_line(p: Prepared) -> str:
     ]
     if p.eval_split is not None:
         parts.append(f"validation {p.eval_split.rows:,} rows")
+    if p.memory_estimate_bytes:
+        parts.append(f"estimated peak memory {p.memory_estimate_bytes / 2**30:.2f} GiB (sftdata memory)")
     return "; ".join(parts)
 
 
@@ -1271,6 +1293,7 @@ def train(
         best_eval_loss=state.best_metric if cfg.early_stopping_patience is not None else None,
         stopped_early=stopped_early,
         peak_memory=peak_memory(),
+        memory_estimate_GiB=round(p.memory_estimate_bytes / 2**30, 3) if p.memory_estimate_bytes else None,
         notes=notes,
     )
     info = {
@@ -1453,7 +1476,8 @@ def main_summary(result: TrainResult) -> list[tuple[str, str]]:
                                                    if result.dropped_rows else "")),
         ("tokens (this run)", f"{result.tokens_seen:,} ({result.targets_seen:,} trained)"),
         ("throughput", f"{result.tokens_per_s:,.1f} tokens/s ({result.targets_per_s:,.1f} trained tokens/s)"),
-        ("peak memory", _peak_text(result.peak_memory)),
+        ("peak memory", _peak_text(result.peak_memory) + (f"; estimated {result.memory_estimate_GiB:.2f} GiB"
+                                                            if result.memory_estimate_GiB else "")),
         ("runtime", f"{result.runtime_s:.1f} s"),
         ("saved to", result.output),
         ("loss history", result.log_history),

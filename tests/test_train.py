@@ -139,12 +139,12 @@ def test_targets_per_row_ignores_each_examples_first_label(tok):
 # ------------------------------------------------------------------------------ packing / masks / loss
 
 
-def _plain_model(tok, seed=0):
+def _plain_model(tok, seed=0, attn_implementation="sdpa"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, vocab_size=len(tok), attn_implementation="sdpa")
+                      intermediate_size=128, vocab_size=len(tok), attn_implementation=attn_implementation)
     model = LlamaForCausalLM(cfg).eval()
     model.config.use_cache = False
     return model
@@ -178,10 +178,11 @@ def test_packed_loss_is_token_weighted_mean_of_example_losses(tok):
     assert not torch.allclose(leaky.logits[0, second:], packed.logits[0, second:], atol=1e-4)
 
 
-def test_rows_batches_equal_unpacked_and_flattened_logits(tok):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_rows_batches_equal_unpacked_and_flattened_logits(tok, attn):
     """[B, L] padding-free rows (per-row position_ids, a padded tail as its own segment) give each example the
     logits it has alone, and the same logits and loss as the flattened [1, N] form."""
-    model = _plain_model(tok)
+    model = _plain_model(tok, attn_implementation=attn)
     exs = _examples(tok)
     rows = tf.pack_rows(exs, per_row=2)  # rows of different lengths: the shorter one is padded
     as_rows = SFTDataCollator()(rows)
@@ -475,7 +476,7 @@ def test_cli_logs_plain_lines_when_stdout_is_not_a_terminal_and_reports_to_tenso
     lines = result.output.splitlines()
     assert lines[0].startswith("sftdata train: 12 rows (") and "2 steps × 2 rows (2 per micro-batch × 1 " \
         "accumulation); trainable 32,768 of 4,202,816 parameters (0.780%); qlora on cpu fp32, lr 0.001; " \
-        "validation 2 rows" in lines[0]
+        "validation 2 rows; estimated peak memory 0." in lines[0]
     step = re.compile(r"^step (\d)/2  loss \d+\.\d{4}  lr \S+  grad_norm \d+\.\d{4}  tokens/s [\d,]+  eta \d:\d\d:\d\d$")
     assert [step.match(ln).group(1) for ln in lines if step.match(ln)] == ["1", "2"]
     assert any(ln.startswith("eval step 2: loss ") for ln in lines)
