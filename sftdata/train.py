@@ -1061,6 +1061,9 @@ def prepare_trainer(
 
     mode = _progress_mode(progress, console)
     precision = resolve_precision(cfg.precision)
+    if mode != "none":  # loading a large model takes minutes: say so before it starts
+        _writer(mode, console)(f"sftdata train: loading {model_path} for {cfg.method} ({precision}); "
+                               f"{train_split.rows:,} train rows")
     torch.manual_seed(cfg.seed)
     with _quiet_progress_bars(mode != "bar"):
         net = load_base_model(model_path, cfg.method, precision, attn_implementation=cfg.attn_implementation,
@@ -1135,6 +1138,13 @@ def _progress_mode(progress: bool | str, console: Any) -> str:
     if console is not None:
         return "bar" if console.is_terminal else "plain"
     return "bar" if sys.stdout.isatty() else "plain"
+
+
+def _writer(mode: str, console: Any):
+    """Where start-up lines go: flushed plain lines, or the rich console next to the progress bar."""
+    if mode == "plain":
+        return _plain_writer(console)
+    return console.print if console is not None else print
 
 
 def _plain_writer(console: Any):
@@ -1238,7 +1248,7 @@ def train(
     trainer, tok, cfg = p.trainer, p.tokenizer, p.config
     output, data_dir, model_path, notes = p.output, p.data_dir, p.model_path, p.notes
     mode = _progress_mode(progress, console)
-    write = _plain_writer(console) if mode == "plain" else (console.print if console is not None else print)
+    write = _writer(mode, console)
     output.mkdir(parents=True, exist_ok=True)
     (output / RUN_INFO).write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
     if mode != "none":

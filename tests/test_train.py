@@ -474,9 +474,10 @@ def test_cli_logs_plain_lines_when_stdout_is_not_a_terminal_and_reports_to_tenso
                                                 "--report-to", "tensorboard"], terminal_width=200)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].startswith("sftdata train: 12 rows (") and "2 steps × 2 rows (2 per micro-batch × 1 " \
+    assert lines[0] == f"sftdata train: loading {model_dir} for qlora (fp32); 12 train rows"  # before the load
+    assert lines[1].startswith("sftdata train: 12 rows (") and "2 steps × 2 rows (2 per micro-batch × 1 " \
         "accumulation); trainable 32,768 of 4,202,816 parameters (0.780%); qlora on cpu fp32, lr 0.001; " \
-        "validation 2 rows; estimated peak memory 0." in lines[0]
+        "validation 2 rows; estimated peak memory 0." in lines[1]
     step = re.compile(r"^step (\d)/2  loss \d+\.\d{4}  lr \S+  grad_norm \d+\.\d{4}  tokens/s [\d,]+  eta \d:\d\d:\d\d$")
     assert [step.match(ln).group(1) for ln in lines if step.match(ln)] == ["1", "2"]
     assert any(ln.startswith("eval step 2: loss ") for ln in lines)
