@@ -218,7 +218,8 @@ def vllm_adapter_check(adapter_dir: Path) -> dict[str, Any]:
     if not ranks:
         problems.append(f"rank {rank} is above vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]})")
     modules = cfg.get("target_modules") or []
-    modules = [modules] if isinstance(modules, str) else list(modules)
+    # vLLM matches each adapted module by its last name component (peft may record full paths)
+    modules = sorted({m.split(".")[-1] for m in ([] if isinstance(modules, str) else modules)})
     unsupported = sorted(set(modules) - VLLM_LORA_MODULES)
     if unsupported:
         problems.append(f"target modules {unsupported} are not LoRA layers vLLM serves "
