@@ -62,7 +62,10 @@ def eval_command(data_dir, models, base, split, general, prompts, shots, num_pro
         table.add_column(col, justify="left" if col in ("model", "kind") else "right")
     for row in summary_rows(result.report):
         table.add_row(*row)
-    Console().print(table)
+    out = Console()
+    if not out.is_terminal:  # a log file or pipe: one line per row rather than columns squeezed to 80
+        out = Console(width=200)
+    out.print(table)
     click.echo(f"report: {result.output}/report.md and report.json")
 
 

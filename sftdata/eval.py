@@ -732,7 +732,7 @@ def loss_curve_svg(curve: dict[str, Any], w: int = 640, h: int = 280) -> str:
                    f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{y0 + frac * (y1 - y0):.3g}</text>')
     for frac in (0, 0.5, 1):
         x = left + frac * pw
-        out.append(f'<text x="{x:.1f}" y="{top + ph + 16}" text-anchor="middle">{x0 + frac * (x1 - x0):.0f}</text>')
+        out.append(f'<text x="{x:.1f}" y="{top + ph + 16}" text-anchor="middle">{x0 + frac * (x1 - x0):.4g}</text>')
     if curve["train"]:
         line = " ".join(f"{a:.1f},{b:.1f}" for a, b in map(xy, curve["train"]))
         out.append(f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{line}"/>')
@@ -820,7 +820,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             L += [f"Few-shot rows put {report['shots']} train examples ({', '.join(report['shot_examples'])}) "
                   "before the prompt, each rendered with the training template.", ""]
         for i, s in enumerate(report["samples"], 1):
-            L += [f"### {i}. {s['origin']}", "", "Prompt (as the model sees it, rendered with the training template):",
+            L += [f"### {i}. {s['origin']}", "", "Prompt (the prompt tokens, decoded; rendered with the training template):",
                   "", _fence(s["prompt"]), ""]
             if s["reference"] is not None:
                 L += ["Reference:", "", _fence(s["reference"]), ""]
