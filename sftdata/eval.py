@@ -486,9 +486,14 @@ class ModelProgress:
         self.name, self.total, self.console, self.done = name, max(total, 1), console, 0
         self.enabled = enabled and console is not None
         self.bar = None
-        self.next_line = 0
         if self.enabled and console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
 
             self.bar = Progress(TextColumn(f"[bold]eval {name}"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.description}"), TimeElapsedColumn(), console=console)

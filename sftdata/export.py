@@ -158,10 +158,9 @@ def is_prequantized(base: str) -> bool:
 
 def merge_into_base(adapter_dir: Path, base: str, dtype: str = "auto"):
     """``base`` (its original weights, in fp32) + the adapter, merged; returned in the base checkpoint's dtype."""
+    import torch
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    import torch
 
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)

@@ -222,6 +222,22 @@ def test_cli_prints_plain_progress_lines_off_a_terminal(tmp_path, data_dir, mode
     assert lines[0] == f"eval {model_dir.name}: loss on test (0/4)" and lines[-1].endswith("done (4/4)")
 
 
+def test_progress_is_a_bar_per_model_on_a_terminal():
+    import io
+
+    from rich.console import Console
+
+    from sftdata.eval import ModelProgress
+
+    buf = io.StringIO()
+    bar = ModelProgress("adapter", 4, Console(file=buf, force_terminal=True, width=100), True)
+    bar.phase("loss on test")
+    bar.advance(4)
+    bar.close()
+    text = buf.getvalue()
+    assert "eval adapter" in text and "4/4" in text and "━" in text and "eval adapter: loss" not in text
+
+
 def test_read_prompts_renders_the_training_template(tmp_path, tok):
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps({"instruction": "Sum", "input": "1 2", "answer": "3"}) + "\n"

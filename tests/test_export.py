@@ -121,6 +121,22 @@ def test_hf_export_reproduces_the_adapter(work, hf, adapter):
     assert AutoTokenizer.from_pretrained(str(out)).chat_template == manifest["template"]["text"]
 
 
+def test_hf_export_of_a_prequantized_base_dequantizes_it(work, adapter):
+    """The documented fallback: a base that is itself a 4-bit checkpoint is dequantized, then merged."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.uint8)
+    AutoModelForCausalLM.from_pretrained(str(work / "base"), quantization_config=q,
+                                         device_map={"": "cpu"}).save_pretrained(str(work / "base-4bit"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(work / "base" / name, work / "base-4bit" / name)
+    res = export(adapter, work / "hf-4bit", format="hf", base=str(work / "base-4bit"))
+    assert res["merged_into"] == "dequantized 4-bit base (the base checkpoint is pre-quantized)"
+    assert res["validation"]["ok"] and res["validation"]["nf4_training_model_max_abs_logit_diff"] < 1e-4
+    assert "quantization_config" not in json.loads((work / "hf-4bit" / "config.json").read_text())
+
+
 @pytest.mark.parametrize("quant", ["f16", "q8_0"])
 def test_gguf_runs_in_llama_cpp_like_transformers(work, hf, f16, adapter, quant):
     src = read_source(adapter)
