@@ -750,8 +750,10 @@ def export(source: str | Path, output: str | Path, *, format: str = "hf", quant:
     require_train_deps("lora")
     src = read_source(source, base)
     output = Path(output)
-    if output.exists() and any(output.iterdir()) and not (output / "sftdata_export.json").is_file():
-        raise ExportError(f"{output} exists and is not an sftdata export; choose an empty or new directory")
+    if output.exists() and any(output.iterdir()):
+        if not (output / "sftdata_export.json").is_file():
+            raise ExportError(f"{output} exists and is not an sftdata export; choose an empty or new directory")
+        shutil.rmtree(output)  # an earlier export of ours: start clean so no stale file is served
     name = name or src.path.resolve().name
     if format == "hf":
         result = export_hf(src, output, dtype=dtype, name=name)

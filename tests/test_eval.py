@@ -204,6 +204,13 @@ def test_report_base_tuned_shots_forgetting_and_generations(tmp_path, tok, data_
     assert len(rep["loss_curve"]["train"]) == 3
 
 
+def test_general_set_can_be_an_sftdata_output_directory(tok, data_dir):
+    from sftdata.eval import general_examples
+
+    examples, name = general_examples(data_dir, {}, "unused")
+    assert name == str(data_dir) and len(examples) == 12 + 3  # every split: 12 train + 3 test examples
+
+
 def test_split_falls_back_to_validation_with_a_notice(tmp_path, tok):
     d = write_dir(tmp_path / "d", tok, {"train": examples_of(tok, CONVS), "validation": examples_of(tok, CONVS[:1])})
     split, notice = resolve_split(d, None)

@@ -187,6 +187,8 @@ def test_export_cli_gguf_q4_k_m_with_modelfile(work, adapter):
     info = json.loads((out / "sftdata_export.json").read_text())
     assert info["validation"]["ok"] and Path(info["gguf"]).name == "adapter-q4_k_m.gguf"
     assert not [p for p in out.iterdir() if p.name.startswith(".sftdata-export-")]
+    r = CliRunner().invoke(main, ["export", str(adapter), "--format", "hf", "-o", str(work / "data")])
+    assert r.exit_code == 2 and "exists and is not an sftdata export" in r.output  # never overwrites other data
     assert (out / "Modelfile").read_text() == (
         'FROM ./adapter-q4_k_m.gguf\n'
         'TEMPLATE """{{- range .Messages }}{{ if eq .Role "user" }}[INST] {{ .Content }} [/INST]'
