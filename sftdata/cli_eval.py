@@ -5,6 +5,8 @@ torch, peft, gguf and llama-cpp-python are imported only when a command runs.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from sftdata.cli_output import err_console, fail
@@ -104,7 +106,7 @@ def export_command(source, fmt, quant, base, dtype, name, validate, output):
         check = result.get("vllm_adapter")
         if check is not None and not check["accepted"]:
             err_console.print("warning: vLLM multi-LoRA would refuse the adapter: " + "; ".join(check["problems"]))
-        click.echo((open(f"{result['output']}/README.md", encoding="utf-8").read()))
+        click.echo(Path(result["output"], "README.md").read_text(encoding="utf-8"))
     else:
         f16 = f" (f16 {result['f16_bytes']:,})" if "f16_bytes" in result else ""
         click.echo(f"GGUF written to {result['gguf']}: {result['bytes']:,} bytes{f16}; Modelfile {result['modelfile']}")

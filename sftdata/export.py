@@ -153,7 +153,11 @@ def _torch_dtype(name: str | None):
 def is_prequantized(base: str) -> bool:
     from transformers import AutoConfig
 
-    return getattr(AutoConfig.from_pretrained(base), "quantization_config", None) is not None
+    try:
+        config = AutoConfig.from_pretrained(base)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot load the base model {base!r}: {str(e).splitlines()[0]}; pass --base") from None
+    return getattr(config, "quantization_config", None) is not None
 
 
 def merge_into_base(adapter_dir: Path, base: str, dtype: str = "auto"):
