@@ -30,6 +30,7 @@ from sftdata.export import (  # noqa: E402
     generation_eos_ids,
     gguf_tensor_types,
     modelfile,
+    ollama_shape,
     ollama_template,
     quantize_gguf,
     read_source,
@@ -204,7 +205,7 @@ def test_llama3_vocab_and_end_of_turn_ids_in_gguf(work):
     tok_dir = tf.shared_path("tokenizers", "llama3_1")
     model = tiny_llama(work / "llama3", tok_dir, hidden=64, tie=True)
     tok = AutoTokenizer.from_pretrained(str(model))
-    template = load_template("llama3", tok)
+    template = load_template("tokenizer", tok)  # the tokenizer's own Llama-3 template
     eos = generation_eos_ids({"template": {"end_of_turn_ids": [128009, 128001]}}, tok)
     assert eos == [128009, 128001]
     path = work / "llama3.gguf"
@@ -219,7 +220,7 @@ def test_llama3_vocab_and_end_of_turn_ids_in_gguf(work):
     text = template.render(conv, add_generation_prompt=True)
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text, add_special_tokens=False)["input_ids"]
-    assert modelfile("llama3.gguf", "llama3", tok.convert_ids_to_tokens(eos)).splitlines()[-2:] == [
+    assert modelfile("llama3.gguf", None, tok.convert_ids_to_tokens(eos)).splitlines()[-2:] == [
         'PARAMETER stop "<|eot_id|>"', 'PARAMETER stop "<|end_of_text|>"']
 
 
@@ -243,19 +244,25 @@ def test_vllm_adapter_check(tmp_path):
     assert [p.split(" ")[0] for p in bad["problems"]] == ["rank", "target", "modules_to_save", "DoRA"]
 
 
-@pytest.mark.parametrize("name", ["chatml", "llama3", "zephyr", "phi3", "mistral"])
-def test_ollama_template_renders_like_the_training_template(name):
-    tok = tf.load_tokenizer("llama3_1" if name == "llama3" else "mistral-7b-v0.1")
-    template = load_template(name, tok)
+@pytest.mark.parametrize("name,shape", [("chatml", "chatml"), ("zephyr", "zephyr"), ("phi3", "phi3"),
+                                        ("mistral", "mistral-inst"), ("llama3_1 tokenizer", "llama3-header"),
+                                        ("alpaca", None), ("llama2", None)])
+def test_ollama_template_only_where_it_renders_like_the_training_template(name, shape):
+    llama3 = name.startswith("llama3")
+    tok = tf.load_tokenizer("llama3_1" if llama3 else "mistral-7b-v0.1")
+    template = load_template("tokenizer" if llama3 else name, tok)  # the llama3_1 tokenizer's own (Llama-3.0) text
+    assert ollama_shape(template.source, tok) == shape
+    if shape is None:
+        assert ollama_template(shape) is None
+        return
     convs = [[{"role": "user", "content": "Hi"}],
              [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
               {"role": "user", "content": "Bye\nnow"}]]
-    if name != "mistral":
+    if shape != "mistral-inst":
         convs.append([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}])
     for conv in convs:
         jinja = template.render(conv, add_generation_prompt=True)
         bos = tok.bos_token if jinja.startswith(tok.bos_token) else ""  # llama.cpp adds BOS (add_bos_token)
-        assert render_turns(name, conv) == jinja[len(bos):]
-    go = ollama_template(name)
-    assert go.startswith("{{- range .Messages }}") and go.count("{{ .Content }}") == (2 if name == "mistral" else 3)
-    assert ollama_template("alpaca") is None
+        assert render_turns(shape, conv) == jinja[len(bos):]
+    go = ollama_template(shape)
+    assert go.startswith("{{- range .Messages }}") and go.count("{{ .Content }}") == (2 if shape == "mistral-inst" else 3)
