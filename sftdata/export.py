@@ -49,22 +49,27 @@ try:  # the trainer's version once it lands (same name and signature)
 except ImportError:
 
     def generation_eos_ids(manifest: dict[str, Any], tokenizer: Any) -> list[int]:
-        """Every token id that ends a generated turn: the tokenizer's EOS, then the template's end-of-turn ids.
+        """Token ids that stop generation: every id that ends a trained turn, then the tokenizer's EOS.
 
-        ``manifest["template"]["end_of_turn_ids"]`` when the build recorded it; otherwise the token that closes
-        the template's ``end_of_turn`` marker, when that marker ends in a special (added) token.
+        Same contract as the trainer's function: ``manifest["template"]["end_of_turn_ids"]`` when the build recorded
+        it (template ids first, de-duplicated); older manifests: the tokenizer's EOS plus the template's
+        ``end_of_turn`` string when it is a single token.
         """
-        ids: list[int] = []
-        if tokenizer.eos_token_id is not None:
-            ids.append(int(tokenizer.eos_token_id))
         template = manifest.get("template") or {}
-        found = [int(i) for i in template.get("end_of_turn_ids") or []]
-        if not found and template.get("end_of_turn"):
-            enc = tokenizer.encode(template["end_of_turn"].strip(), add_special_tokens=False)
-            added = set(getattr(tokenizer, "added_tokens_decoder", {}))
-            if enc and enc[-1] in added:
-                found.append(int(enc[-1]))
-        return ids + [i for i in dict.fromkeys(found) if i not in ids]
+        ids: list[int] = []
+        if template.get("end_of_turn_ids") is not None:
+            ids.extend(int(i) for i in template["end_of_turn_ids"])
+            if tokenizer.eos_token_id is not None:
+                ids.append(int(tokenizer.eos_token_id))
+        else:
+            if tokenizer.eos_token_id is not None:
+                ids.append(int(tokenizer.eos_token_id))
+            eot = template.get("end_of_turn")
+            if eot:
+                eot_ids = tokenizer.encode(eot, add_special_tokens=False)
+                if len(eot_ids) == 1:
+                    ids.append(int(eot_ids[0]))
+        return list(dict.fromkeys(ids))
 
 
 # --------------------------------------------------------------------------------------------------------------

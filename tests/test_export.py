@@ -228,8 +228,9 @@ def test_generation_eos_ids_from_the_manifest():
     llama3 = tf.load_tokenizer("llama3_1")
     mistral = tf.load_tokenizer("mistral-7b-v0.1")
     assert generation_eos_ids({"template": {"end_of_turn": "<|eot_id|>"}}, llama3) == [128009]
-    assert generation_eos_ids({"template": {"end_of_turn_ids": [128001, 128009]}}, llama3) == [128009, 128001]
-    assert generation_eos_ids({"template": {"end_of_turn": " </s>"}}, mistral) == [2]
+    assert generation_eos_ids({"template": {"end_of_turn_ids": [128001, 128009]}}, llama3) == [128001, 128009]
+    assert generation_eos_ids({"template": {"end_of_turn_ids": [128008]}}, llama3) == [128008, 128009]  # + EOS
+    assert generation_eos_ids({"template": {"end_of_turn": "</s>"}}, mistral) == [2]
     assert generation_eos_ids({"template": {"end_of_turn": "### End"}}, mistral) == [2]  # text marker: no id
 
 
