@@ -721,6 +721,7 @@ def validate_hf(source: Source, output: Path, max_new_tokens: int = 16) -> dict[
         ref = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch.float32).eval()
         res["reference"] = "the source model"
     want, want_logits = greedy(ref, ids, eos, max_new_tokens)
+    del ref  # one model in memory at a time
     res["reference_tokens"] = want
     res["same_greedy_tokens"] = got == want
     res["max_abs_logit_diff"] = float((got_logits - want_logits).abs().max())
