@@ -239,6 +239,7 @@ from sftdata.cli_train import train_command, merge_command, memory_command; main
 from sftdata.cli_stats import stats_command; main.add_command(stats_command)  # noqa: E402,E702
 from sftdata.cli_verify import verify_command; main.add_command(verify_command)  # noqa: E402,E702
 from sftdata.cli_clean import dedup, decontaminate; main.add_command(dedup); main.add_command(decontaminate)  # noqa: E402,E702
+from sftdata.cli_eval import eval_command, export_command; main.add_command(eval_command); main.add_command(export_command)  # noqa: E402,E702
 
 
 if __name__ == "__main__":  # pragma: no cover
