@@ -165,6 +165,7 @@ def print_summary(manifest: dict, output: str) -> None:
     cut_off = f" ({lost['tokens']:,} tokens cut off, {lost['trained']:,} of them trained)" if lost.get("tokens") else ""
     table.add_row("truncated", f"{counts['truncated']:,}{cut_off}")
     for key, label in (("examples_split", "turns split into their own example (history policy)"),
+                       ("turns_composed", "turns trained after the served prompt (composed)"),
                        ("turns_untrained_history", "turns left as context (history policy last)"),
                        ("tokenized_apart", "turns tokenized as tok(prompt) + tok(reply)"),
                        ("turns_trained_tool_call", "trained turns with tool calls"),

@@ -37,7 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from sftdata.record import Problem, Record
+from sftdata.record import DataError, Problem, Record
 from sftdata.templates import ChatTemplate, TemplateBudgetError
 
 IGNORE_INDEX = -100
@@ -262,7 +262,6 @@ class Encoder:
                 text, marker = self._composed_target(messages, record.messages[k], k, prompt, through, render)
                 turn = _Turn(k, prompt, len(prompt) + len(text), marker, messages[k]["content"] or "", composed=True)
                 separate.append((prompt + text, turn))
-                counts["turns_composed"] += 1
                 continue
             text, marker = target
             turn = _Turn(k, prompt, len(prompt) + len(text), marker, messages[k]["content"] or "")
@@ -280,7 +279,8 @@ class Encoder:
                 continue
             separate.append((through, turn))
         self._check_rendered(record, messages, tools, full, [(t, full) for t in main] + [(t, q) for q, t in separate])
-        plans = [_Plan(record, through, [turn], Counter({"examples_split": 1}), turn.message + 1) for through, turn in separate]
+        plans = [_Plan(record, through, [turn], Counter({"turns_composed" if turn.composed else "examples_split": 1}),
+                       turn.message + 1) for through, turn in separate]
         if main:
             plans.append(_Plan(record, full, main, Counter(), len(messages)))
         if not plans:
@@ -685,8 +685,12 @@ def _strip_suffix(text: str, suffix: str) -> str:
 
 
 def _probe_render(template: ChatTemplate, messages: list[dict[str, Any]], generation: bool = False, **kwargs: Any) -> str | None:
+    """A render of a probe conversation, or None when the template refuses it; a template that goes past its render
+    budget on a two-message probe cannot be used at all (a clear error now rather than every row timing out)."""
     try:
         return template.render(messages, add_generation_prompt=generation, **kwargs)
+    except TemplateBudgetError as e:
+        raise DataError(f"template {template.name!r} cannot be used: {e} on a two-message conversation") from None
     except Exception:
         return None
 

@@ -365,3 +365,36 @@ def test_qwen3_5_empty_think_merges_and_is_tokenized_as_served():
     assert layout(ex.labels) == [("M", 11), [198, 151668, 271, 9707, 0, 151645]]
     _, _, problems = encode(tok, "qwen3_5", record, tokenization="context")
     assert [p.kind for p in problems] == ["serving-prefix-tokens"]
+
+
+# -- templates without limits -----------------------------------------------------------------------------------------
+
+def test_a_template_past_its_budget_fails_fast_with_a_reason():
+    """Nested range() loops (minutes) and string doubling (gigabytes) stop at the render budget: a template that cannot
+    render a probe conversation within it is refused when the encoder is made, before any row is read."""
+    import time
+
+    from sftdata.record import DataError
+    from sftdata.templates import ChatTemplate, RenderBudget
+
+    tok = shared_tokenizer("qwen3")
+    slow = ChatTemplate("slow", "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+                                "{% for m in messages %}{{ m.content }}<|im_end|>{% endfor %}", {}, budget=RenderBudget(seconds=0.5))
+    started = time.monotonic()
+    with pytest.raises(DataError, match="cannot be used: rendering took more than 0.5 s"):
+        Encoder(slow, tok)
+    assert time.monotonic() - started < 10
+    doubling = ChatTemplate("doubling", "{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}"
+                                        "{% endfor %}{{ ns.s }}", {}, budget=RenderBudget(chars=1 << 20))
+    with pytest.raises(DataError, match="built a value of 2,097,152 items"):
+        Encoder(doubling, tok)
+    # a row that alone goes past the budget is a problem with the reason; the other rows encode
+    per_row = ChatTemplate("per-row", "{% for m in messages %}{% if m.content == 'loop' %}{% for i in range(100000) %}"
+                                      "{% for j in range(100000) %}{% endfor %}{% endfor %}{% endif %}"
+                                      "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", {},
+                           budget=RenderBudget(seconds=0.5))
+    examples, problems = Encoder(per_row, tok).encode_batch([
+        Record("t.jsonl", 1, [Message("user", "loop"), Message("assistant", "ok")]),
+        Record("t.jsonl", 2, [Message("user", "fine"), Message("assistant", "ok")])])
+    assert [(p.row, p.kind) for p in problems] == [(1, "template-budget")] and [ex.row for ex in examples] == [2]
