@@ -458,8 +458,8 @@ class Encoder:
                 except Refused:
                     continue
                 other = _strip_suffix(other, self.header).rstrip()
-                a = _common_prefix(target, other)
-                b = _common_prefix(target[::-1], other[::-1])
+                a = self._token_start(target, _common_prefix(target, other))
+                b = len(target) - self._token_end(target, len(target) - _common_prefix(target[::-1], other[::-1]))
                 if a < len(target) - b:
                     parts.append((start + a, start + len(target) - b, kind))
             for piece in _content_pieces(message.get("content") or ""):
@@ -471,6 +471,22 @@ class Encoder:
             segments.extend(sorted(parts))
             cursor = end
         return segments
+
+    def _token_start(self, text: str, at: int) -> int:
+        """``at`` moved back to the start of the added token it falls inside (``<tool_call>`` vs ``<|im_end|>`` share a
+        ``<``), so a kind span never starts in the middle of a marker."""
+        if self._added_re is not None:
+            for m in self._added_re.finditer(text, max(0, at - 64), min(len(text), at + 64)):
+                if m.start() < at < m.end():
+                    return m.start()
+        return at
+
+    def _token_end(self, text: str, at: int) -> int:
+        if self._added_re is not None:
+            for m in self._added_re.finditer(text, max(0, at - 64), min(len(text), at + 64)):
+                if m.start() < at < m.end():
+                    return m.end()
+        return at
 
     def _token_kinds(self, segments: list[tuple[int, int, int]], starts: list[int], n: int, offset: int = 0) -> list[int]:
         kinds = [0] * n

@@ -2,7 +2,8 @@
 
 Every token is printed with its whitespace made visible (``·`` space, ``↵`` newline, ``→`` tab). Trained tokens
 are green and wrapped in ``⟦ ⟧`` runs (the brackets make it readable without colour); masked tokens are dim red;
-special tokens are bold. Packed rows show a rule where each example begins, with its source file and row; a
+special tokens are bold. Reasoning, tool calls and tool results are marked where they start (``‹reasoning›``,
+``‹tool call›``, ``‹tool result›``) and styled (italic, underlined, on a dark background). Packed rows show a rule where each example begins, with its source file and row; a
 truncated example ends with a ``✂`` cut marker. Rows are picked by index, by ``file:row`` of the input, or by a
 filter (truncated rows, rows from one source file).
 """
@@ -20,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from sftdata.record import DataError
-from sftdata.render import IGNORE_INDEX
+from sftdata.render import IGNORE_INDEX, KIND_CODE, KINDS
 from sftdata.write import read_manifest, split_files
 
 VISIBLE = str.maketrans({" ": "·", "\n": "↵\n", "\t": "→", "\r": "␍"})
@@ -29,6 +30,9 @@ TRAINED_STYLE = "bold green"
 MASKED_STYLE = "red dim"
 OPEN, CLOSE = "⟦", "⟧"
 CUT = "✂"
+# Spans a person reading a row wants to find: marked where they start, styled throughout (the kinds column).
+MARKED_KINDS = {KIND_CODE["reasoning"]: ("‹reasoning›", "italic"), KIND_CODE["tool_call"]: ("‹tool call›", "underline"),
+                KIND_CODE["tool_result"]: ("‹tool result›", "on grey11")}
 
 
 def load_rows(directory: str | Path, split: str = "train", start: int = 0, count: int = 1) -> list[dict[str, Any]]:
@@ -163,6 +167,7 @@ def render_row(row: dict[str, Any], tokenizer: Any, *, color: bool = True, separ
     specials = set(tokenizer.all_special_ids) if tokenizer is not None else set()
     boundaries = _example_starts(row)
     cuts = _cut_positions(row)
+    kinds = row.get("kinds")
     text = Text()
     trained_open = False
     for i, (token_id, label, piece) in enumerate(zip(ids, labels, pieces)):
@@ -184,10 +189,15 @@ def render_row(row: dict[str, Any], tokenizer: Any, *, color: bool = True, separ
             trained_open = False
         if separator and i > 0 and i not in boundaries:
             text.append(separator, style="dim" if color else None)
+        kind = kinds[i] if kinds else 0
+        if kind in MARKED_KINDS and (i == 0 or kinds[i - 1] != kind or i in boundaries):
+            text.append(MARKED_KINDS[kind][0], style="bold blue" if color else None)
         if trained and not trained_open:
             text.append(OPEN, style=TRAINED_STYLE)
             trained_open = True
         style = TRAINED_STYLE if trained else MASKED_STYLE
+        if kind in MARKED_KINDS:
+            style += " " + MARKED_KINDS[kind][1]
         if token_id in specials:
             style += " bold reverse" if color else ""
         shown = piece.translate(VISIBLE)
@@ -246,7 +256,8 @@ def ids_table(row: dict[str, Any], tokenizer: Any, *, max_length: int | None = N
     (and position id for packed rows); a rule row where a packed example starts and a ``✂`` row where one was cut."""
     table = Table(show_lines=False)
     positions = row.get("position_ids") or []
-    names = ("i", "id", "token", "label") + (("pos",) if positions else ())
+    kinds = row.get("kinds") or []
+    names = ("i", "id", "token", "label") + (("pos",) if positions else ()) + (("kind",) if kinds else ())
     for name in names:
         table.add_column(name, justify="right" if name != "token" else "left")
     pieces = token_pieces(tokenizer, row["input_ids"])
@@ -261,7 +272,8 @@ def ids_table(row: dict[str, Any], tokenizer: Any, *, max_length: int | None = N
                           style="bold yellow")
         style = TRAINED_STYLE if label != IGNORE_INDEX else MASKED_STYLE
         shown = piece.translate(VISIBLE_CELL) if piece else "∅"  # ∅: a byte of a character completed by a later token
-        cells = [str(i), str(token_id), shown, str(label)] + ([str(positions[i])] if positions else [])
+        cells = ([str(i), str(token_id), shown, str(label)] + ([str(positions[i])] if positions else [])
+                 + ([KINDS[kinds[i]]] if kinds else []))
         table.add_row(*cells, style=style)
     if len(row["input_ids"]) in cuts:
         table.add_row("", "", _cut_note(max_length), *[""] * (len(names) - 3), style="bold magenta")
@@ -312,7 +324,8 @@ def show(
     if tokenizer is None:
         console.print(Text(f"showing token ids only: {why}", style="yellow"), soft_wrap=True)
     console.print(f"{OPEN}trained{CLOSE} tokens are the loss targets (green); the rest are -100 (red). "
-                  f"· space  ↵ newline  → tab  {CUT} cut by truncation", style="dim", soft_wrap=True)
+                  f"· space  ↵ newline  → tab  {CUT} cut by truncation  "
+                  + "  ".join(tag for tag, _ in MARKED_KINDS.values()), style="dim", soft_wrap=True)
     for r in rows:
         parts: list[Any] = [Text(f"── {header(r)} ──", style="cyan")]
         parts.append(ids_table(r, tokenizer, max_length=max_length) if ids

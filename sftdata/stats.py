@@ -19,6 +19,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from sftdata.render import KINDS
+
 IGNORE_INDEX = -100
 MANIFEST = "manifest.json"
 HIST_BINS = 32
@@ -77,11 +79,17 @@ def _length_summary(lengths: np.ndarray) -> dict[str, Any]:
 def _read_split(files: list[Path]) -> dict[str, Any]:
     """Per-example lengths, trained tokens, sources and truncated flags of one split, file by file."""
     lengths, trained, sources, truncated, row_tokens = [], [], [], [], []
+    by_kind = np.zeros(len(KINDS), np.int64)  # trained tokens by kind (content, reasoning, tool call ...)
     packed = False
     for path in files:
         if not path.exists():
             continue
         names = pq.read_schema(path).names
+        if "kinds" in names:
+            t = pq.read_table(path, columns=["labels", "kinds"])
+            trained_mask = pc.list_flatten(t["labels"]).to_numpy(zero_copy_only=False) != IGNORE_INDEX
+            kinds = pc.list_flatten(t["kinds"]).to_numpy(zero_copy_only=False)
+            by_kind += np.bincount(kinds[trained_mask], minlength=len(KINDS))[:len(KINDS)]
         if "seq_lengths" in names:
             packed = True
             t = pq.read_table(path, columns=["seq_lengths", "labels", "source", "truncated", "num_tokens"])
@@ -114,7 +122,16 @@ def _read_split(files: list[Path]) -> dict[str, Any]:
         return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
     return {"packed": packed, "lengths": cat(lengths, np.int64), "trained": cat(trained, np.int64),
-            "sources": cat(sources, object), "truncated": cat(truncated, bool), "row_tokens": cat(row_tokens, np.int64)}
+            "sources": cat(sources, object), "truncated": cat(truncated, bool), "row_tokens": cat(row_tokens, np.int64),
+            "trained_by_kind": {KINDS[i]: int(n) for i, n in enumerate(by_kind) if n}}
+
+
+# Turn counts the build records (manifest counts), in the order they are shown.
+TURN_COUNTS = {"turns_trained": "trained assistant turns", "turns_trained_tool_call": "with tool calls",
+               "turns_trained_reasoning": "with reasoning", "examples_split": "split into their own example",
+               "turns_composed": "composed after the served prompt", "tokenized_apart": "tokenized as tok(prompt) + tok(reply)",
+               "turns_untrained_history": "left as context (history policy last)",
+               "turns_beyond_max_length": "beyond --max-length (not trained)"}
 
 
 def stats(directory: str | Path) -> dict[str, Any]:
@@ -159,6 +176,7 @@ def stats(directory: str | Path) -> dict[str, Any]:
             "histogram": histogram(lengths, max_length),
             "at_max_length": int((lengths == max_length).sum()) if max_length else 0,
             "truncated": int(data["truncated"].sum()), "per_source": per_source,
+            "trained_by_kind": data["trained_by_kind"],
         }
         if data["packed"]:
             rt = data["row_tokens"]
@@ -185,6 +203,7 @@ def stats(directory: str | Path) -> dict[str, Any]:
         "count": conversations, "assistant_turns": {str(k): v for k, v in sorted(turns.items())},
         "mean_assistant_turns": round(sum(k * v for k, v in turns.items()) / conversations, 2) if conversations else 0.0,
     }
+    out["turns"] = {key: int(counts[key]) for key in TURN_COUNTS if counts.get(key)}
     out["packing"] = packing
     return out
 
@@ -257,6 +276,14 @@ def render_terminal(report: dict[str, Any], console: Any = None, width: int = 40
     console.print(f"\n[bold]truncation[/] (policy {t['policy'] or '—'}): {t['truncated']:,} examples truncated to N"
                   f" ({', '.join(f'{k} {v:,}' for k, v in t['truncated_per_split'].items())}){lost} · "
                   f"{t['dropped_too_long']:,} dropped as too long", soft_wrap=True)
+    if report.get("turns"):
+        console.print("\n[bold]turns[/]: " + " · ".join(f"{TURN_COUNTS[k]} {v:,}" for k, v in report["turns"].items()),
+                      soft_wrap=True)
+    for name, s in report["splits"].items():
+        if s.get("trained_by_kind"):
+            total = sum(s["trained_by_kind"].values())
+            console.print(f"[bold]{name}: trained tokens by kind[/]: " + " · ".join(
+                f"{k} {v:,} ({_pct(v / total)})" for k, v in s["trained_by_kind"].items()), soft_wrap=True)
     conv = report.get("conversations") or {}
     if conv.get("count"):
         turns = {int(k): v for k, v in conv["assistant_turns"].items()}
@@ -437,6 +464,13 @@ def render_html(report: dict[str, Any]) -> str:
         + [f"truncated in {k}" for k in t["truncated_per_split"]],
         [[t["policy"] or "—", f"{t['truncated']:,}", _count(t.get("tokens_lost")), _count(t.get("trained_tokens_lost")),
           f"{t['dropped_too_long']:,}"] + [f"{v:,}" for v in t["truncated_per_split"].values()]]))
+    if report.get("turns"):
+        out.append("<h2>turns</h2>" + _html_table(["", "count"], [[TURN_COUNTS[k], f"{v:,}"] for k, v in report["turns"].items()]))
+    kinds = {name: s["trained_by_kind"] for name, s in report["splits"].items() if s.get("trained_by_kind")}
+    if kinds:
+        names = sorted({k for v in kinds.values() for k in v}, key=KINDS.index)
+        out.append("<h2>trained tokens by kind</h2>" + _html_table(
+            ["split", *names], [[split, *(f"{v.get(k, 0):,}" for k in names)] for split, v in kinds.items()]))
     conv = report.get("conversations") or {}
     if conv.get("count"):
         out.append(f"<h2>assistant turns per conversation</h2><p>{conv['count']:,} conversations, mean "

@@ -129,3 +129,31 @@ def test_where_finds_the_packed_row_holding_an_example(tmp_path):
     holder = next(i for i, r in enumerate(rows) if 5 in r["row"])
     text = capture(tmp_path / "p", where=f"{CHAT}:5")
     assert f"── row {holder} · " in text and f"· {CHAT}:5 starts" in text
+
+
+AGENT_ROW = {"messages": [{"role": "user", "content": "2+3?"},
+                          {"role": "assistant", "content": "", "reasoning_content": "Use add.",
+                           "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+                          {"role": "tool", "content": "5"},
+                          {"role": "assistant", "content": "5.", "reasoning_content": "Got 5."}],
+             "tools": [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]}
+
+
+def test_show_marks_reasoning_tool_calls_and_tool_results(tmp_path):
+    import json
+
+    src = tmp_path / "agent.jsonl"
+    src.write_text(json.dumps(AGENT_ROW) + "\n")
+    build([str(src)], template="qwen3", output=tmp_path / "o")
+    text = capture(tmp_path / "o", row=0)
+    tail = text[text.index("<|im_start|>user↵\n2+3?"):].rstrip("\n")
+    assert tail.splitlines() == [
+        "<|im_start|>user↵", "2+3?<|im_end|>↵", "<|im_start|>assistant↵", "⟦<think>↵", "‹reasoning›Use·add.↵", "</think>↵",
+        "↵", "‹tool call›<tool_call>↵", '{"name":·"add",·"arguments":·{"a":·2,·"b":·3}}↵', "</tool_call><|im_end|>⟧↵",
+        "<|im_start|>user↵", "<tool_response>↵", "‹tool result›5↵", "</tool_response><|im_end|>↵", "<|im_start|>assistant↵",
+        "⟦<think>↵", "‹reasoning›Got·5.↵", "</think>↵", "↵", "5.<|im_end|>⟧↵"]
+    table = Console(record=True, width=200, color_system=None)
+    show(tmp_path / "o", console=table, color=False, ids=True)
+    kinds = [line.split("│")[-2].strip() for line in table.export_text().splitlines()
+             if line.startswith("│") and line.split("│")[1].strip().isdigit()]
+    assert kinds.count("tool_result") == 1 and kinds.count("reasoning") == 7 and "tool_call" in kinds

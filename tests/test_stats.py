@@ -217,3 +217,19 @@ def test_tokens_lost_to_truncation_match_an_untruncated_build(tmp_path):
     report = stats(tmp_path / "cut")
     assert (report["truncation"]["tokens_lost"], report["truncation"]["trained_tokens_lost"]) == (
         expected_tokens, expected_trained)
+
+
+def test_stats_counts_turns_and_trained_tokens_by_kind(tmp_path):
+    import json
+
+    from sftdata.build import build
+    from test_show import AGENT_ROW
+
+    src = tmp_path / "agent.jsonl"
+    src.write_text(json.dumps(AGENT_ROW) + "\n")
+    build([str(src)], template="qwen3", output=tmp_path / "o")
+    report = stats(tmp_path / "o")
+    assert report["turns"] == {"turns_trained": 2, "turns_trained_tool_call": 1, "turns_trained_reasoning": 2}
+    # "Use add.\n" and "Got 5.\n" are reasoning; <tool_call>...</tool_call> the call; "5." the answer; the rest markup
+    assert report["splits"]["train"]["trained_by_kind"] == {"markup": 10, "content": 2, "reasoning": 7, "tool_call": 24}
+    assert sum(report["splits"]["train"]["trained_by_kind"].values()) == report["splits"]["train"]["trained"]
