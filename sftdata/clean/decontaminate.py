@@ -1,7 +1,8 @@
 """Eval-set decontamination: remove training rows that contain (or restate) an eval item.
 
-Two detectors share one normalization and tokenization (:mod:`sftdata.clean.normalize`; case, punctuation,
-whitespace, line wrapping and Unicode forms never hide a copy, digits are kept):
+Two detectors share one normalization and tokenization, applied identically to eval and training text
+(:mod:`sftdata.clean.normalize` with ``punctuation="delete"``: case, punctuation, whitespace, line wrapping and
+Unicode forms never hide a copy, whether its punctuation was kept, changed or stripped; digits are kept):
 
 ``ngram`` (copies). Every eval segment (one field of one eval row, e.g. a GSM8K ``question``, a HumanEval
 ``prompt``, one MT-bench turn) is cut into word ``n``-grams (default 8; segments shorter than ``n`` tokens but
@@ -9,7 +10,8 @@ at least ``min_tokens`` long are one gram of all their tokens). A training row's
 fraction of the segment's distinct n-grams that occur anywhere in the row (its text with roles, all turns). The
 row is contaminated when the overlap is at least ``min_overlap`` (default 0.5). This catches verbatim copies,
 copies embedded in longer text, question-only leaks (the eval question with a different or no answer), and
-copies with case / punctuation / whitespace / line-wrapping changes, all at overlap 1.0.
+copies with case / punctuation / whitespace / line-wrapping changes (punctuation stripped included), all at
+overlap 1.0.
 
 ``rephrase`` (restated items; n-gram tools catch ~0% of these). A rephrasing keeps what the item is *about*:
 its numbers, names and rare content words. Each segment's content tokens (no stopwords) are weighted by inverse
@@ -30,7 +32,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from sftdata.arrays import concat_ranges
+from sftdata.arrays import concat_ranges, sorted_unique
 from sftdata.clean.io import EvalSegment, load_eval_segments
 from sftdata.clean.normalize import Normalizer, shingle_hashes, token_hashes
 from sftdata.record import Record, Removal
@@ -46,6 +48,11 @@ why will with would you your yours yourself yourselves s t also many much one tw
 ten first second given write return returns function number numbers list string str int float def python code example
 following find get make use using new let us may might must shall per each every total many how what""".split()
 
+
+
+# Punctuation is deleted, not replaced by a space: a copy whose punctuation was stripped ("dont", "1000",
+# "hascloseelements") then gives the same tokens as the eval text ("don't", "1,000", "has_close_elements").
+EVAL_NORMALIZER = Normalizer(punctuation="delete")
 
 
 class _GramIndex:
@@ -125,7 +132,7 @@ class Decontaminator:
         self.ngram = int(ngram)
         self.min_overlap = float(min_overlap)
         self.min_tokens = int(min_tokens)
-        self.normalizer = Normalizer.from_spec(normalize)
+        self.normalizer = Normalizer.from_spec(normalize, base=EVAL_NORMALIZER)
         self.rephrase = rephrase
         self.rephrase_threshold = float(rephrase_threshold)
         self.rephrase_min_terms = int(rephrase_min_terms)
@@ -177,7 +184,7 @@ class Decontaminator:
 
         stop_docs = [self.normalizer.normalize_bytes(w) for w in STOPWORDS]
         stop_h, _ = th(stop_docs)
-        stop = np.unique(stop_h)
+        stop = sorted_unique(stop_h)
         tok, off = self._seg_tok, self._seg_off
         nseg = len(self.segments)
         seg_of = np.repeat(np.arange(nseg), np.diff(off))
@@ -259,7 +266,7 @@ class Decontaminator:
                 rows_l.append((np.searchsorted(soff, pos, side="right") - 1) // 2)
                 keys_l.append(key)
         if rows_l:
-            code = np.unique(np.concatenate(rows_l) * nkeys + np.concatenate(keys_l))
+            code = sorted_unique(np.concatenate(rows_l) * nkeys + np.concatenate(keys_l))
             rows, keys = np.divmod(code, nkeys)
             r, sg = self.index.expand(rows, keys)
             nseg = len(self.segments)
@@ -290,7 +297,7 @@ class Decontaminator:
             return
         row_of = np.searchsorted(prompt_off, pos, side="right") - 1
         T = len(self._terms)
-        hitcode = np.unique(row_of * T + tid)
+        hitcode = sorted_unique(row_of * T + tid)
         rows, tids = np.divmod(hitcode, T)
         rare = self._term_rare[tids]
         rows, tids = rows[rare], tids[rare]
