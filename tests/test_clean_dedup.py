@@ -381,6 +381,22 @@ def test_sketches_do_not_depend_on_batching_and_the_deduplicator_pickles_mid_run
     assert kept[0] == kept[1] == [1, 13]
 
 
+def test_exact_repeats_are_compacted_away_and_change_nothing():
+    recs = [text(i + 1, words_replaced(BASE, [i % 7]) if i % 3 else BASE) for i in range(40)]
+    results = []
+    for every in (1 << 16, 1):  # never compacted / compacted after every batch
+        dd = Deduplicator()
+        dd.compact_min_rows = every
+        for i in range(0, len(recs), 4):
+            dd.add_batch(recs[i:i + 4])
+        if every == 1:  # after a compaction only the 8 distinct texts keep their sketches
+            dd._compact()
+            assert sum(len(r) for r in dd._near_rows) == 8
+        kept, removed = dd.filter_batch(recs)
+        results.append(([r.row for r in kept], [(r.record.row, r.reason, r.matched["row"]) for r in removed]))
+    assert results[0] == results[1] and results[0][0] == [1]
+
+
 def test_kept_set_equals_exact_all_pairs_clustering():
     """On families far above the threshold (LSH misses none of their pairs), the kept set is the earliest row of
     each connected component of the exact-Jaccard >= threshold graph over all pairs."""

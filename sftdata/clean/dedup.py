@@ -246,6 +246,7 @@ class Deduplicator:
     """Two-pass in-process deduplicator (see the module docstring); options as in :meth:`DedupConfig.from_options`."""
 
     stage = "dedup"
+    compact_min_rows = 1 << 16  # near rows added before the first compaction
 
     def __init__(
         self,
@@ -272,9 +273,12 @@ class Deduplicator:
         self._src = array("i")
         self._row = array("q")
         self._exact_keys: list[np.ndarray] = []
-        self._has_tokens: list[np.ndarray] = []
+        # per row that may be a near duplicate (has tokens, first of its exact group as far as seen)
+        self._near_rows: list[np.ndarray] = []
         self._band_keys: list[np.ndarray] = []
         self._screen: list[np.ndarray] = []
+        self._near_compacted = 0  # near rows left by the last compaction
+        self._near_pending = 0    # near rows added since
         self._spill = ShingleSpill(spill_dir) if near else None
         # results
         self._finalized = False
@@ -292,6 +296,7 @@ class Deduplicator:
         if self._finalized:
             raise RuntimeError("add_batch after finalize")
         sketch = sketch_batch(records, self.config)
+        start = len(self._src)
         for rec in records:
             sid = self._source_ids.get(rec.source)
             if sid is None:
@@ -300,11 +305,35 @@ class Deduplicator:
             self._src.append(sid)
             self._row.append(rec.row)
         self._exact_keys.append(sketch.exact_keys)
-        self._has_tokens.append(sketch.has_tokens)
-        if self._spill is not None:
-            self._band_keys.append(sketch.band_keys)
-            self._screen.append(sketch.screen)
-            self._spill.append(sketch.shingles, sketch.shingle_offsets)
+        if self._spill is None:
+            return
+        local = np.flatnonzero(sketch.has_tokens)
+        if self.config.exact:  # a later copy of a row in this batch is never a near-dedup candidate
+            local = local[exact_first(sketch.exact_keys)[local] == local]
+        self._near_rows.append(start + local)
+        self._band_keys.append(sketch.band_keys[local])
+        self._screen.append(sketch.screen[local])
+        counts = np.diff(sketch.shingle_offsets)
+        wanted = np.zeros(len(records), dtype=bool)
+        wanted[local] = True
+        offsets = np.zeros(len(records) + 1, dtype=np.int64)
+        np.cumsum(np.where(wanted, counts, 0), out=offsets[1:])
+        self._spill.append(sketch.shingles[np.repeat(wanted, counts)], offsets)
+        self._near_pending += len(local)
+        if self.config.exact and self._near_pending >= max(self.compact_min_rows, self._near_compacted):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop the sketches of rows that turned out to repeat an earlier row exactly: memory then grows with the
+        distinct rows, not with the input. Runs when the rows added since the last compaction outnumber those it
+        left, so the sorting stays proportional to the input overall."""
+        first = exact_first(np.concatenate(self._exact_keys))
+        rows = np.concatenate(self._near_rows)
+        keep = first[rows] == rows
+        self._near_rows = [rows[keep]]
+        self._band_keys = [np.concatenate(self._band_keys)[keep]]
+        self._screen = [np.concatenate(self._screen)[keep]]
+        self._near_compacted, self._near_pending = int(np.count_nonzero(keep)), 0
 
     # -- between the passes ---------------------------------------------------------------------------------------
     def finalize(self) -> None:
@@ -315,8 +344,7 @@ class Deduplicator:
         n = len(self._src)
         idx = np.arange(n, dtype=np.int64)
         exact_keys = _concat(self._exact_keys, (0, 2), _U64)
-        has_tokens = _concat(self._has_tokens, (0,), bool)
-        self._exact_keys, self._has_tokens = [], []
+        self._exact_keys = []
         first = exact_first(exact_keys) if cfg.exact else idx
         del exact_keys
         status = np.zeros(n, dtype=np.int8)
@@ -326,10 +354,12 @@ class Deduplicator:
         stats = {"band_collisions": 0, "screened_out": 0, "candidate_pairs": 0, "verified_pairs": 0,
                  "rejected_pairs": 0}
         if self._spill is not None:
-            eligible = np.flatnonzero((first == idx) & has_tokens)
+            rows = _concat(self._near_rows, (0,), np.int64)
+            eligible = first[rows] == rows
             keys = np.ascontiguousarray(_concat(self._band_keys, (0, cfg.bands), _U64)[eligible].T)
             screen = Screen(_concat(self._screen, (0, cfg.columns), np.uint8)[eligible])
-            self._band_keys, self._screen = [], []
+            eligible = rows[eligible]
+            self._near_rows, self._band_keys, self._screen = [], [], []
             a, b = self._candidates(keys, screen, stats)
             del keys, screen
             a, b = eligible[a], eligible[b]
