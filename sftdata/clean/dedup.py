@@ -51,7 +51,7 @@ from sftdata.clean.minhash import (
     screen_miss_rate,
 )
 from sftdata.clean.normalize import Normalizer, record_text, shingle_hashes, token_hashes
-from sftdata.clean.pairs import connected_min_labels, pair_jaccard, set_matrix
+from sftdata.clean.pairs import connected_min_labels, pair_jaccard, set_matrix, shingle_sets
 from sftdata.record import Record, Removal
 
 REPRESENTATIVE_RULE = "earliest row in input order is kept; later members of its cluster are removed"
@@ -118,16 +118,16 @@ class BatchSketch:
 
     ``exact_keys`` (n, 2) uint64: the 128-bit exact key. ``has_tokens``: the normalized text has a token (rows
     without are never near duplicates). ``band_keys`` (n, bands) uint64 and ``screen`` (n, bands x rows) uint8, the
-    low byte of each signature value: empty (0 columns) when near dedup is off. ``shingles`` / ``shingle_offsets``:
-    row ``i``'s shingle hashes are ``shingles[shingle_offsets[i]:shingle_offsets[i + 1]]`` (a multiset; repeats
-    are removed when verifying)."""
+    low byte of each signature value: empty (0 columns) when near dedup is off. ``sets`` / ``set_offsets``: row
+    ``i``'s shingle set is ``sets[set_offsets[i]:set_offsets[i + 1]]`` (see
+    :func:`~sftdata.clean.pairs.shingle_sets`: sorted, distinct 63-bit hashes)."""
 
     exact_keys: np.ndarray
     has_tokens: np.ndarray
     band_keys: np.ndarray
     screen: np.ndarray
-    shingles: np.ndarray
-    shingle_offsets: np.ndarray
+    sets: np.ndarray
+    set_offsets: np.ndarray
 
 
 def sketch_batch(records: list[Record], config: DedupConfig) -> BatchSketch:
@@ -153,11 +153,11 @@ def sketch_texts(texts: list[str], config: DedupConfig) -> BatchSketch:
     exact_keys = np.frombuffer(b"".join(digests), dtype=_U64).reshape(n, 2) if n else np.zeros((0, 2), _U64)
     if not config.near:
         return BatchSketch(exact_keys, has_tokens, np.zeros((n, 0), _U64), np.zeros((n, 0), np.uint8),
-                           np.zeros(0, _U64), np.zeros(n + 1, np.int64))
+                           np.zeros(0, np.int64), np.zeros(n + 1, np.int64))
     sh, soff = shingle_hashes(tok, off, config.ngram)
     sig = config.hasher.signatures(sh, soff, columns=config.columns)
     keys = band_keys(sig, config.bands, config.rows)
-    return BatchSketch(exact_keys, has_tokens, keys, sig.astype(np.uint8), sh, soff)
+    return BatchSketch(exact_keys, has_tokens, keys, sig.astype(np.uint8), *shingle_sets(sh, soff))
 
 
 def exact_first(exact_keys: np.ndarray) -> np.ndarray:
@@ -176,7 +176,8 @@ def exact_first(exact_keys: np.ndarray) -> np.ndarray:
 
 
 class ShingleSpill:
-    """Per-row shingle hashes appended to a temporary file, read back for the rows that need exact verification.
+    """Per-row shingle sets (int64 values) appended to a temporary file, read back for the rows that need exact
+    verification.
 
     Holds the file's path, never an open file: each append and read opens and closes it. A pickled copy carries the
     hashes themselves and spills them to a file of its own."""
@@ -192,7 +193,7 @@ class ShingleSpill:
             os.close(fd)
             weakref.finalize(self, _unlink, self.path)
         with open(self.path, "ab") as f:
-            f.write(np.ascontiguousarray(values, dtype=_U64).tobytes())
+            f.write(np.ascontiguousarray(values, dtype=np.int64).tobytes())
         self._offsets.extend((offsets[1:] + self._offsets[-1]).tolist())
 
     def __getstate__(self) -> dict[str, Any]:
@@ -205,17 +206,17 @@ class ShingleSpill:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.directory, self.path, self._offsets = state["directory"], None, array("q", [0])
         if state["data"]:
-            self.append(np.frombuffer(state["data"], dtype=_U64), np.array([0, 0], dtype=np.int64))
+            self.append(np.frombuffer(state["data"], dtype=np.int64), np.array([0, 0], dtype=np.int64))
         self._offsets = state["offsets"]
 
     def read(self, rows: np.ndarray, block: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
-        """The hashes of ``rows`` (sorted, unique) as ``(values, offsets)``, reading the file in spans of about
-        ``block`` values."""
+        """The sets of ``rows`` (sorted, unique row numbers) as ``(values, offsets)``, reading the file in spans of
+        about ``block`` values."""
         offs = np.frombuffer(self._offsets, dtype=np.int64)
         starts, ends = offs[rows], offs[rows + 1]
         out_off = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(ends - starts, out=out_off[1:])
-        values = np.empty(int(out_off[-1]), dtype=_U64)
+        values = np.empty(int(out_off[-1]), dtype=np.int64)
         if self.path is None or not len(values):
             return values, out_off
         with open(self.path, "rb") as f:
@@ -224,7 +225,7 @@ class ShingleSpill:
                 lo = int(starts[i])
                 j = max(int(np.searchsorted(ends, lo + block, side="right")), i + 1)
                 f.seek(lo * 8)
-                span = np.fromfile(f, dtype=_U64, count=int(ends[j - 1]) - lo)
+                span = np.fromfile(f, dtype=np.int64, count=int(ends[j - 1]) - lo)
                 values[out_off[i]:out_off[j]] = span[concat_ranges(starts[i:j] - lo, ends[i:j] - lo)[0]]
                 i = j
         return values, out_off
@@ -313,12 +314,12 @@ class Deduplicator:
         self._near_rows.append(start + local)
         self._band_keys.append(sketch.band_keys[local])
         self._screen.append(sketch.screen[local])
-        counts = np.diff(sketch.shingle_offsets)
+        counts = np.diff(sketch.set_offsets)
         wanted = np.zeros(len(records), dtype=bool)
         wanted[local] = True
         offsets = np.zeros(len(records) + 1, dtype=np.int64)
         np.cumsum(np.where(wanted, counts, 0), out=offsets[1:])
-        self._spill.append(sketch.shingles[np.repeat(wanted, counts)], offsets)
+        self._spill.append(sketch.sets[np.repeat(wanted, counts)], offsets)
         self._near_pending += len(local)
         if self.config.exact and self._near_pending >= max(self.compact_min_rows, self._near_compacted):
             self._compact()
@@ -331,8 +332,8 @@ class Deduplicator:
         rows = np.concatenate(self._near_rows)
         keep = first[rows] == rows
         self._near_rows = [rows[keep]]
-        self._band_keys = [np.concatenate(self._band_keys)[keep]]
-        self._screen = [np.concatenate(self._screen)[keep]]
+        self._band_keys = [_stack_kept(self._band_keys, keep, self.config.bands, _U64)]
+        self._screen = [_stack_kept(self._screen, keep, self.config.columns, np.uint8)]
         self._near_compacted, self._near_pending = int(np.count_nonzero(keep)), 0
 
     # -- between the passes ---------------------------------------------------------------------------------------
@@ -355,11 +356,11 @@ class Deduplicator:
                  "rejected_pairs": 0}
         if self._spill is not None:
             rows = _concat(self._near_rows, (0,), np.int64)
-            eligible = first[rows] == rows
-            keys = np.ascontiguousarray(_concat(self._band_keys, (0, cfg.bands), _U64)[eligible].T)
-            screen = Screen(_concat(self._screen, (0, cfg.columns), np.uint8)[eligible])
-            eligible = rows[eligible]
-            self._near_rows, self._band_keys, self._screen = [], [], []
+            keep = first[rows] == rows
+            eligible = rows[keep]
+            keys = _stack_kept(self._band_keys, keep, cfg.bands, _U64, transpose=True)  # each band contiguous
+            screen = Screen(_stack_kept(self._screen, keep, cfg.columns, np.uint8))
+            self._near_rows = []
             a, b = self._candidates(keys, screen, stats)
             del keys, screen
             a, b = eligible[a], eligible[b]
@@ -527,6 +528,25 @@ class Deduplicator:
             "duplicate_clusters": clusters,
             **self._stats,
         }
+
+
+def _stack_kept(parts: list[np.ndarray], keep: np.ndarray, width: int, dtype: Any,
+                transpose: bool = False) -> np.ndarray:
+    """The rows of the stacked ``(rows, width)`` ``parts`` where ``keep`` is true (transposed if asked), filled one
+    part at a time so the whole stack is never copied; ``parts`` is emptied."""
+    m = int(np.count_nonzero(keep))
+    out = np.empty((width, m) if transpose else (m, width), dtype=dtype)
+    lo = pos = 0
+    parts.reverse()
+    while parts:
+        part = parts.pop()
+        rows = part[keep[lo:lo + len(part)]]
+        if transpose:
+            out[:, pos:pos + len(rows)] = rows.T
+        else:
+            out[pos:pos + len(rows)] = rows
+        lo, pos = lo + len(part), pos + len(rows)
+    return out
 
 
 def _concat(parts: list[np.ndarray], empty_shape: tuple[int, ...], dtype: Any) -> np.ndarray:

@@ -118,7 +118,7 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return keys
 
 
-def band_collisions(keys: np.ndarray, max_pairs: int = 1 << 22):
+def band_collisions(keys: np.ndarray, max_pairs: int = 1 << 18):
     """The pairs of documents sharing a band key: a group-by on each band's key, yielded band by band in chunks of
     at most about ``max_pairs`` pairs, as int64 arrays ``(a, b)`` of document indices with ``a < b``. ``keys`` is
     ``(bands, docs)``: each band's keys contiguous.
@@ -215,18 +215,23 @@ class Screen:
         self.tail, self.tail_pad = _padded(sig_bytes[:, h:])
         self.head_columns = h
 
-    def pairs(self, a: np.ndarray, b: np.ndarray, *, threshold: float, margin: float) -> np.ndarray:
+    def pairs(self, a: np.ndarray, b: np.ndarray, *, threshold: float, margin: float,
+              chunk: int = 1 << 18) -> np.ndarray:
         """Boolean mask of the pairs ``(a[i], b[i])`` whose MinHash estimate is not far below ``threshold``: stage 1
         needs ``threshold - 2 margin`` on the head columns, stage 2 ``threshold - margin`` on all columns (see
-        :func:`screen_miss_rate` for the chance of dropping a pair at the threshold)."""
-        c1 = count_equal(np.take(self.head, a, axis=0), np.take(self.head, b, axis=0)) - self.head_pad
-        alive = np.flatnonzero(c1 >= math.ceil((threshold - 2 * margin) * self.head_columns - 1e-9))
-        c2 = c1[alive]
-        if self.tail.shape[1]:
-            aa, bb = a[alive], b[alive]
-            c2 = c2 + count_equal(np.take(self.tail, aa, axis=0), np.take(self.tail, bb, axis=0)) - self.tail_pad
+        :func:`screen_miss_rate` for the chance of dropping a pair at the threshold). ``chunk`` pairs at a time."""
+        head_cut = math.ceil((threshold - 2 * margin) * self.head_columns - 1e-9)
+        cut = math.ceil((threshold - margin) * self.columns - 1e-9)
         keep = np.zeros(len(a), dtype=bool)
-        keep[alive[c2 >= math.ceil((threshold - margin) * self.columns - 1e-9)]] = True
+        for lo in range(0, len(a), chunk):
+            aa, bb = a[lo:lo + chunk], b[lo:lo + chunk]
+            c1 = count_equal(np.take(self.head, aa, axis=0), np.take(self.head, bb, axis=0)) - self.head_pad
+            alive = np.flatnonzero(c1 >= head_cut)
+            c2 = c1[alive]
+            if self.tail.shape[1]:
+                aa, bb = aa[alive], bb[alive]
+                c2 = c2 + count_equal(np.take(self.tail, aa, axis=0), np.take(self.tail, bb, axis=0)) - self.tail_pad
+            keep[lo + alive[c2 >= cut]] = True
         return keep
 
 

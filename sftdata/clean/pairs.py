@@ -3,8 +3,9 @@
 These are the steps after candidate generation in near-dedup. They take plain arrays, so the same code verifies
 one partition of candidate pairs on a worker, or all of them in-process:
 
-- :func:`set_matrix`: documents' shingle hashes as a sparse 0/1 matrix (one row per document, one column per
-  distinct hash), built with one sort;
+- :func:`shingle_sets` (per batch of documents): each document's shingle hashes as a sorted, distinct set;
+- :func:`set_matrix`: those sets as a sparse 0/1 matrix (one row per document, the hash is the column), without
+  a copy;
 - :func:`pair_jaccard`: the exact Jaccard of many document pairs at once. The intersections are scipy's sparse
   element-wise product, a merge of the two sorted rows in compiled code (measured 3.5x faster than the best
   numpy-only formulation, a sort of the pairs' packed keys, and 20x faster than Python sets);
@@ -15,38 +16,46 @@ one partition of candidate pairs on a worker, or all of them in-process:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import scipy.sparse as sp
 
-from sftdata.arrays import sorted_unique
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 
-def set_matrix(values: np.ndarray, offsets: np.ndarray) -> sp.csr_matrix:
-    """Row ``d`` holds a 1 in the column of every distinct hash of ``values[offsets[d]:offsets[d + 1]]`` (hashes in
-    any order, repeats allowed). Columns are the ranks of the distinct hashes, so rows are sorted and canonical."""
+
+def shingle_sets(hashes: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each document's 64-bit shingle hashes ``hashes[offsets[d]:offsets[d + 1]]`` as a set: the top 63 bits (a
+    non-negative int64, usable as a sparse column index), sorted and distinct. Returns ``(values, offsets)``."""
     n_docs = len(offsets) - 1
+    values = (hashes >> np.uint64(1)).astype(np.int64)
     if len(values) == 0:
-        return sp.csr_matrix((n_docs, 1), dtype=np.int8)
-    order = np.argsort(values)
-    s = values[order]
-    new = np.empty(len(s), dtype=bool)
-    new[0] = True
-    np.not_equal(s[1:], s[:-1], out=new[1:])
-    width = int(np.count_nonzero(new))
-    rank = np.empty(len(s), dtype=np.int64)
-    rank[order] = np.cumsum(new) - 1
-    doc = np.repeat(np.arange(n_docs, dtype=np.int64), np.diff(offsets))
-    key = sorted_unique(doc * width + rank)  # (document, rank) packed: sorted within rows, repeats dropped
-    indptr = np.searchsorted(key, np.arange(n_docs + 1, dtype=np.int64) * width)
-    index_dtype = np.int32 if width < 1 << 31 and len(key) < 1 << 31 else np.int64
-    cols = (key - np.repeat(np.arange(n_docs, dtype=np.int64) * width, np.diff(indptr))).astype(index_dtype)
-    matrix = sp.csr_matrix((np.ones(len(key), dtype=np.int8), cols, indptr.astype(index_dtype)),
-                           shape=(n_docs, width))
+        return values, np.zeros(n_docs + 1, dtype=np.int64)
+    doc = np.repeat(np.arange(n_docs, dtype=np.uint16 if n_docs < 1 << 16 else np.int64), np.diff(offsets))
+    by_value = np.argsort(values)
+    order = by_value[np.argsort(doc[by_value], kind="stable")]  # a radix sort for 16-bit document numbers
+    values, doc = values[order], doc[order]
+    keep = np.ones(len(values), dtype=bool)
+    keep[1:] = (values[1:] != values[:-1]) | (doc[1:] != doc[:-1])
+    out = np.zeros(n_docs + 1, dtype=np.int64)
+    np.cumsum(np.bincount(doc[keep], minlength=n_docs), out=out[1:])
+    return values[keep], out
+
+
+def set_matrix(values: np.ndarray, offsets: np.ndarray) -> "sp.csr_matrix":
+    """Row ``d`` holds a 1 in column ``v`` for every ``v`` of ``values[offsets[d]:offsets[d + 1]]``, a set as
+    :func:`shingle_sets` gives it (sorted, distinct, non-negative int64): the arrays are used as they are."""
+    import scipy.sparse as sp  # imported when needed: it costs every `import sftdata` half a second otherwise
+
+    n_docs = len(offsets) - 1
+    matrix = sp.csr_matrix((np.ones(len(values), dtype=np.int8), values.astype(np.int64, copy=False),
+                            offsets.astype(np.int64, copy=False)), shape=(n_docs, np.iinfo(np.int64).max))
     matrix.has_canonical_format = True
     return matrix
 
 
-def pair_jaccard(sets: sp.csr_matrix, a: np.ndarray, b: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+def pair_jaccard(sets: "sp.csr_matrix", a: np.ndarray, b: np.ndarray, chunk: int = 1 << 14) -> np.ndarray:
     """Exact Jaccard of rows ``a[i]`` and ``b[i]`` of a :func:`set_matrix` (float64, one per pair); two empty sets
     have Jaccard 0 (they are not duplicates of each other). ``chunk`` pairs are multiplied at a time."""
     a = np.asarray(a, dtype=np.int64)
