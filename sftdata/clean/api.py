@@ -53,7 +53,8 @@ class _Outputs:
 
     def keep_lines(self, source: str, rows: list[int], lines: list[bytes]) -> None:
         self.rows.write_lines(lines)
-        self.provenance.write({"source": source, "row": row} for row in rows)
+        head = b'{"source": ' + json.dumps(source, ensure_ascii=False).encode("utf-8", "surrogatepass") + b', "row": '
+        self.provenance.write_lines(head + str(row).encode() + b"}" for row in rows)
 
     def remove(self, removals: Iterable[Removal]) -> None:
         if self.report is not None:
@@ -64,11 +65,17 @@ class _Outputs:
 
     def __exit__(self, kind, value, traceback) -> None:
         files = [self.rows, self.provenance] + ([self.report] if self.report else [])
-        for f in files:
+        try:
             if kind is None:
-                f.close()
-            else:
+                for f in files:  # the rows first: closing them is what can still fail (a Parquet schema)
+                    f.close()
+                return
+        except BaseException:
+            for f in files:
                 f.abort()
+            raise
+        for f in files:
+            f.abort()
 
 
 def _summary(kind: str, rows_read: int, rows_kept: int, removed: dict[str, int], problems: ProblemLog,

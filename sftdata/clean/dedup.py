@@ -209,9 +209,9 @@ class ShingleSpill:
             self.append(np.frombuffer(state["data"], dtype=np.int64), np.array([0, 0], dtype=np.int64))
         self._offsets = state["offsets"]
 
-    def read(self, rows: np.ndarray, block: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
-        """The sets of ``rows`` (sorted, unique row numbers) as ``(values, offsets)``, reading the file in spans of
-        about ``block`` values."""
+    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The sets of ``rows`` (sorted, unique row numbers) as ``(values, offsets)``: one read per run of rows
+        stored back to back, straight into the result."""
         offs = np.frombuffer(self._offsets, dtype=np.int64)
         starts, ends = offs[rows], offs[rows + 1]
         out_off = np.zeros(len(rows) + 1, dtype=np.int64)
@@ -219,15 +219,13 @@ class ShingleSpill:
         values = np.empty(int(out_off[-1]), dtype=np.int64)
         if self.path is None or not len(values):
             return values, out_off
+        run_start = np.flatnonzero(np.concatenate(([True], starts[1:] != ends[:-1])))
+        run_end = np.append(run_start[1:], len(rows))
+        view = memoryview(values).cast("B")
         with open(self.path, "rb") as f:
-            i = 0
-            while i < len(rows):
-                lo = int(starts[i])
-                j = max(int(np.searchsorted(ends, lo + block, side="right")), i + 1)
+            for lo, hi, at in zip(starts[run_start].tolist(), ends[run_end - 1].tolist(), out_off[run_start].tolist()):
                 f.seek(lo * 8)
-                span = np.fromfile(f, dtype=np.int64, count=int(ends[j - 1]) - lo)
-                values[out_off[i]:out_off[j]] = span[concat_ranges(starts[i:j] - lo, ends[i:j] - lo)[0]]
-                i = j
+                f.readinto(view[at * 8:(at + hi - lo) * 8])
         return values, out_off
 
     def remove(self) -> None:

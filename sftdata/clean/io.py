@@ -201,6 +201,10 @@ class JsonlFile:
         self._file.writelines(json.dumps(r, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass") + b"\n"
                               for r in rows)
 
+    def write_lines(self, lines: Iterable[bytes]) -> None:
+        """Rows already serialized, one JSON object per item (no line break)."""
+        self._file.write(b"".join(line + b"\n" for line in lines))
+
     def close(self) -> None:
         self._file.close()
         self._tmp.replace(self.path)
@@ -255,6 +259,11 @@ class RowWriter:
         if not self._buffer:
             return
         schema = self.schema if self.schema is not None else (self._writer.schema if self._writer else None)
+        if schema is not None:
+            extra = set().union(*(row.keys() for row in self._buffer)) - set(schema.names)
+            if extra:  # from_pylist would drop them silently
+                raise DataError(f"{self.path}: rows have fields {sorted(extra)} that the output's Parquet schema "
+                                "lacks; write JSONL instead")
         try:
             table = pa.Table.from_pylist(self._buffer, schema=schema)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:

@@ -59,7 +59,7 @@ def fold32(h64: np.ndarray) -> np.ndarray:
 
 
 class MinHasher:
-    def __init__(self, num_perm: int = 128, seed: int = 1, chunk_rows: int = 2048):
+    def __init__(self, num_perm: int = 128, seed: int = 1, chunk_rows: int = 8192):
         if num_perm < 1:
             raise ValueError("num_perm must be positive")
         self.num_perm = num_perm
@@ -75,25 +75,28 @@ class MinHasher:
         from sftdata.clean.normalize import fmix32
 
         k = self.num_perm if columns is None else columns
-        a = self.a[:k]
-        b_col = self.b[:k, None]
+        a = self.a[:k, None]
+        b = self.b[:k, None]
         n_docs = len(offsets) - 1
         out_t = np.full((k, n_docs), EMPTY, dtype=U32)
         if n_docs == 0 or len(sets) == 0:
             return out_t.T
         x = fmix32(fold32(sets))
         nonempty = np.flatnonzero(np.diff(offsets) > 0)
-        # chunks of consecutive non-empty documents holding about chunk_rows shingles (2048 keeps the
-        # (perm, shingle) block in the L2 cache: measured twice as fast as 4096); the layout keeps each
+        # chunks of consecutive non-empty documents holding about chunk_rows shingles, computed in one reused
+        # (perm, shingle) buffer (a fresh array per chunk measured twice as slow); the layout keeps each
         # document's shingles contiguous for the min-reduction
         cum = offsets[nonempty + 1]
+        buf = np.empty((k, 2 * self.chunk_rows), dtype=U32)
         i = 0
         with np.errstate(over="ignore"):
             while i < len(nonempty):
                 lo = offsets[nonempty[i]]
                 stop = max(int(np.searchsorted(cum, lo + self.chunk_rows, side="right")), i + 1)
-                m = np.multiply.outer(a, x[lo:cum[stop - 1]])
-                m += b_col
+                width = int(cum[stop - 1] - lo)
+                m = buf[:, :width] if width <= buf.shape[1] else np.empty((k, width), dtype=U32)
+                np.multiply(a, x[lo:lo + width], out=m)
+                m += b
                 out_t[:, nonempty[i:stop]] = np.minimum.reduceat(m, offsets[nonempty[i:stop]] - lo, axis=1)
                 i = stop
         return out_t.T
@@ -118,7 +121,7 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return keys
 
 
-def band_collisions(keys: np.ndarray, max_pairs: int = 1 << 18):
+def band_collisions(keys: np.ndarray, max_pairs: int = 1 << 16):
     """The pairs of documents sharing a band key: a group-by on each band's key, yielded band by band in chunks of
     at most about ``max_pairs`` pairs, as int64 arrays ``(a, b)`` of document indices with ``a < b``. ``keys`` is
     ``(bands, docs)``: each band's keys contiguous.
@@ -216,7 +219,7 @@ class Screen:
         self.head_columns = h
 
     def pairs(self, a: np.ndarray, b: np.ndarray, *, threshold: float, margin: float,
-              chunk: int = 1 << 18) -> np.ndarray:
+              chunk: int = 1 << 14) -> np.ndarray:
         """Boolean mask of the pairs ``(a[i], b[i])`` whose MinHash estimate is not far below ``threshold``: stage 1
         needs ``threshold - 2 margin`` on the head columns, stage 2 ``threshold - margin`` on all columns (see
         :func:`screen_miss_rate` for the chance of dropping a pair at the threshold). ``chunk`` pairs at a time."""
