@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from sftdata.clean import Deduplicator, Normalizer, dedup, record_text
 from sftdata.clean.dedup import DedupConfig, exact_first, sketch_batch
 from sftdata.clean.minhash import MinHasher, Screen, band_collisions, choose_bands, fold32, miss_rate, screen_miss_rate
-from sftdata.clean.pairs import connected_min_labels, pair_jaccard, set_matrix, shingle_sets
+from sftdata.clean.pairs import connected_min_labels, pair_jaccard, set_matrix, set_values
 from sftdata.clean.normalize import reference_shingle_set, shingle_hashes, token_hashes
 from sftdata.record import DataError, Message, Record
 
@@ -178,7 +178,7 @@ def test_empty_and_short_texts():
     _, kept, removed = run(recs, exact=False)
     assert [(r.record.row, r.reason, r.matched["row"], r.matched["jaccard"]) for r in removed] == [
         (5, "near-duplicate", 4, 1.0)]
-    empty = set_matrix(*shingle_sets(np.zeros(0, np.uint64), np.zeros(3, np.int64)))
+    empty = set_matrix(np.zeros(0, np.int64), np.zeros(3, np.int64))
     assert pair_jaccard(empty, np.array([0]), np.array([1])).tolist() == [0.0]
 
 
@@ -306,12 +306,12 @@ def test_lsh_band_choice_and_miss_rate():
 @given(st.lists(st.lists(st.integers(0, 12), max_size=10), min_size=1, max_size=12), st.data())
 def test_pair_jaccard_is_exact(sets, data):
     hashes = np.array([v for s in sets for v in s], dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    values, offsets = shingle_sets(hashes, np.cumsum([0] + [len(s) for s in sets]))
-    assert [len(set(s)) for s in sets] == np.diff(offsets).tolist()
+    matrix = set_matrix(set_values(hashes), np.cumsum([0] + [len(s) for s in sets]))
+    assert [len(set(s)) for s in sets] == np.diff(matrix.indptr).tolist()
     pairs = data.draw(st.lists(st.tuples(st.integers(0, len(sets) - 1), st.integers(0, len(sets) - 1)), max_size=20))
     a = np.array([p[0] for p in pairs], dtype=np.int64)
     b = np.array([p[1] for p in pairs], dtype=np.int64)
-    got = pair_jaccard(set_matrix(values, offsets), a, b, chunk=3)
+    got = pair_jaccard(matrix, a, b, chunk=3)
     for (x, y), j in zip(pairs, got):
         sx, sy = set(sets[x]), set(sets[y])
         assert j == (len(sx & sy) / len(sx | sy) if sx and sy else 0.0)

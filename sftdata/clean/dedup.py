@@ -21,10 +21,10 @@ Representative rule: in every cluster (exact or near) the **earliest row in inpu
 member is removed and its removal names that representative, the cluster id (the 0-based input position of the
 representative) and the exact Jaccard with it.
 
-:class:`Deduplicator` runs the steps in-process in two passes: :meth:`~Deduplicator.add_batch` sketches (per row it
-keeps a few hundred bytes of numpy arrays; shingle hashes go to a temporary file named by path, opened only while
-appending or reading, so the object stays picklable), :meth:`~Deduplicator.finalize` clusters,
-:meth:`~Deduplicator.filter_batch` returns kept records and :class:`~sftdata.record.Removal` s.
+:class:`Deduplicator` runs the steps in-process in two passes: :meth:`~Deduplicator.add_batch` sketches (per
+distinct row it keeps ~300 bytes of numpy arrays, per exact repeat ~40; shingle sets go to a temporary file named
+by path, opened only while appending or reading, so the object stays picklable), :meth:`~Deduplicator.finalize`
+clusters, :meth:`~Deduplicator.filter_batch` returns kept records and :class:`~sftdata.record.Removal` s.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from sftdata.arrays import concat_ranges, sorted_unique
+from sftdata.arrays import sorted_unique
 from sftdata.clean.minhash import (
     MinHasher,
     Screen,
@@ -51,7 +51,7 @@ from sftdata.clean.minhash import (
     screen_miss_rate,
 )
 from sftdata.clean.normalize import Normalizer, record_text, shingle_hashes, token_hashes
-from sftdata.clean.pairs import connected_min_labels, pair_jaccard, set_matrix, shingle_sets
+from sftdata.clean.pairs import connected_min_labels, pair_jaccard, set_matrix, set_values
 from sftdata.record import Record, Removal
 
 REPRESENTATIVE_RULE = "earliest row in input order is kept; later members of its cluster are removed"
@@ -119,8 +119,8 @@ class BatchSketch:
     ``exact_keys`` (n, 2) uint64: the 128-bit exact key. ``has_tokens``: the normalized text has a token (rows
     without are never near duplicates). ``band_keys`` (n, bands) uint64 and ``screen`` (n, bands x rows) uint8, the
     low byte of each signature value: empty (0 columns) when near dedup is off. ``sets`` / ``set_offsets``: row
-    ``i``'s shingle set is ``sets[set_offsets[i]:set_offsets[i + 1]]`` (see
-    :func:`~sftdata.clean.pairs.shingle_sets`: sorted, distinct 63-bit hashes)."""
+    ``i``'s shingles are ``sets[set_offsets[i]:set_offsets[i + 1]]`` (:func:`~sftdata.clean.pairs.set_values` of
+    their hashes, in text order with repeats: the set is formed when verifying)."""
 
     exact_keys: np.ndarray
     has_tokens: np.ndarray
@@ -157,7 +157,7 @@ def sketch_texts(texts: list[str], config: DedupConfig) -> BatchSketch:
     sh, soff = shingle_hashes(tok, off, config.ngram)
     sig = config.hasher.signatures(sh, soff, columns=config.columns)
     keys = band_keys(sig, config.bands, config.rows)
-    return BatchSketch(exact_keys, has_tokens, keys, sig.astype(np.uint8), *shingle_sets(sh, soff))
+    return BatchSketch(exact_keys, has_tokens, keys, sig.astype(np.uint8), set_values(sh), soff)
 
 
 def exact_first(exact_keys: np.ndarray) -> np.ndarray:
