@@ -104,6 +104,7 @@ def test_noised_copies_are_caught_like_verbatim_ones(tmp_path):
     # only the n-grams away from punctuation match (the code item keeps 82% of them, the short one too few)
     assert got == [(1, 1.0), (2, 1.0), None, (2, 0.8235)]
     assert dc.summary()["normalization"]["punctuation"] == "delete"
+    assert dc.summary()["rephrase_normalization"]["punctuation"] == "space"  # content terms split at punctuation
     assert Decontaminator([str(p)], normalize="punctuation=space").normalizer.punctuation == "space"
 
 
