@@ -22,6 +22,7 @@ that end in one cluster; "removed w/o partner" = removed rows with no truth part
 
     python bench/bench_dedup.py            # about 4 minutes on a 2-core machine (datasketch takes most of it)
     python bench/bench_dedup.py --quick    # a third of each corpus
+    python bench/bench_dedup.py --memory   # peak RSS of `dedup` and `build --dedup` at 16 and 128 MiB of input
 
 Each pipeline runs in a fresh Python process (as ``sftdata dedup`` or a user's script would; in one long-lived
 process every pipeline would pay garbage collection over the benchmark's own objects). Throughput is that process's
@@ -310,11 +311,66 @@ def compare(label: str, records: list[Record], tmp: Path, baselines, *, per_kind
             "sftdata_recall": pair_metrics(rows[0][1], truth)[0]}
 
 
+def peak_rss(call: str) -> float:
+    """Peak RSS (MiB) of a fresh process that runs ``call``."""
+    code = (f"import resource, sys, tempfile; sys.path.insert(0, {str(ROOT)!r})\n"
+            "from sftdata.clean import dedup\nfrom sftdata.build import build\n"
+            f"{call}\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def memory(clean: list[Record]) -> None:
+    """Peak RSS of standalone dedup and of build --dedup (chatml, bundled Qwen3 tokenizer) as the input grows, for
+    exact repeats (GSM8K train copied 4 and 32 times) and for near duplicates (the real rows plus planted families
+    of three seeds, shuffled, cut at 16 and 128 MiB)."""
+    def row(r: Record) -> str:
+        return json.dumps({"messages": [{"role": m.role, "content": m.content} for m in r.messages]} if r.messages
+                          else {"text": r.text}, ensure_ascii=False) + "\n"
+
+    rng = random.Random(0)
+    first = [row(r) for r in clean] + [row(p[0]) for p in plant(clean, 9190, seed=0)]
+    more = [row(p[0]) for seed in (1, 2) for p in plant(clean, 9190, seed=seed)]
+    rng.shuffle(first)
+    rng.shuffle(more)
+    near = first + more
+    gsm = (DATA / "gsm8k_train.jsonl").read_bytes()
+    print("\npeak RSS (MiB), fresh process each")
+    print(f"{'input':52} {'rows':>8} {'dedup':>7} {'build --dedup':>14}")
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        corpora = []
+        for copies in (4, 32):
+            path = tmp / f"gsm8k_x{copies}.jsonl"
+            path.write_bytes(gsm * copies)
+            corpora.append((f"GSM8K train x{copies} (exact repeats)", path, "'instruction=question,output=answer'"))
+        for mib in (16, 128):
+            path = tmp / f"near_{mib}.jsonl"
+            size, chosen = 0, []
+            for line in near:
+                chosen.append(line)
+                size += len(line.encode())
+                if size >= mib << 20:
+                    break
+            path.write_text("".join(chosen))
+            corpora.append(("real rows + planted near-duplicate families", path, "None"))
+        for label, path, columns in corpora:
+            rows = sum(1 for _ in open(path))
+            dedup_rss = peak_rss(f"dedup([{str(path)!r}], tempfile.mkdtemp() + '/kept.jsonl', columns={columns})")
+            build_rss = peak_rss(f"build([{str(path)!r}], template='chatml', output=tempfile.mkdtemp() + '/o', "
+                                 f"columns={columns}, dedup=True)")
+            print(f"{label + f' ({path.stat().st_size / 2**20:.0f} MiB)':52} {rows:8,} {dedup_rss:7.0f} {build_rss:14.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a third of each corpus")
+    ap.add_argument("--memory", action="store_true", help="only the peak-RSS table (takes a few minutes: builds)")
     args = ap.parse_args()
     clean = load_corpus()
+    if args.memory:
+        memory(clean)
+        return
     if args.quick:
         clean = clean[::3]
     scale = 3 if args.quick else 1
