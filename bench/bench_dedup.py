@@ -312,10 +312,12 @@ def compare(label: str, records: list[Record], tmp: Path, baselines, *, per_kind
 
 
 def peak_rss(call: str) -> float:
-    """Peak RSS (MiB) of a fresh process that runs ``call``."""
-    code = (f"import resource, sys, tempfile; sys.path.insert(0, {str(ROOT)!r})\n"
+    """Peak RSS (MiB) of a fresh process that runs ``call``: its VmHWM (``ru_maxrss`` would include the RSS of this
+    large parent process, which Linux carries into the child across fork and exec)."""
+    code = (f"import sys, tempfile; sys.path.insert(0, {str(ROOT)!r})\n"
             "from sftdata.clean import dedup\nfrom sftdata.build import build\n"
-            f"{call}\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n")
+            f"{call}\n"
+            "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 

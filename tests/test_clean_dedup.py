@@ -542,9 +542,12 @@ def test_cli_dedup(tmp_path):
 
     src = tmp_path / "in.jsonl"
     _write_jsonl(src, [{"text": BASE}, {"text": BASE.upper()}, {"text": words_replaced(BASE, [4])}])
-    res = CliRunner().invoke(dedup_cmd, [str(src), "--output", str(tmp_path / "o.jsonl"), "--no-near", "--json"])
+    res = CliRunner().invoke(dedup_cmd, [str(src), "--output", str(tmp_path / "o.jsonl"), "--no-near", "--json",
+                                         "--provenance", str(tmp_path / "where.jsonl")])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output[res.output.index("{"):])["removed"] == {"exact-duplicate": 1}
+    summary = json.loads(res.output[res.output.index("{"):])
+    assert summary["removed"] == {"exact-duplicate": 1} and summary["provenance"] == str(tmp_path / "where.jsonl")
+    assert [json.loads(l)["row"] for l in (tmp_path / "where.jsonl").read_text().splitlines()] == [1, 3]
     res = CliRunner().invoke(dedup_cmd, [str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o.jsonl")])
     assert res.exit_code == 1 and "missing.jsonl" in res.output
 
