@@ -6,6 +6,7 @@ Planted leaks (a GSM8K test question or a HumanEval prompt inside a training exa
   embedded       wrapped in unrelated text before and after
   rewrapped      re-wrapped at 40 columns, runs of spaces / tabs, code re-indented
   noisy          case changes, punctuation added / removed, whitespace changes
+  noised         every punctuation character deleted, lower-cased, words double-spaced
   question-only  the eval question with another problem's answer
   rephrased      a rule-based rephrasing (synonyms, sentence order, framing; numbers kept, function names
                  dropped). An LLM rephrasing is harder; this measures the easy end of the problem.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import random
 import re
+import string
 import sys
 import time
 from pathlib import Path
@@ -35,7 +37,7 @@ from sftdata.ingest import read_records  # noqa: E402
 from sftdata.record import Message, Record  # noqa: E402
 
 EVAL = [str(DATA / "gsm8k_test.jsonl"), str(DATA / "HumanEval.jsonl.gz"), str(DATA / "mt_bench_questions.jsonl")]
-KINDS = ["verbatim", "embedded", "rewrapped", "noisy", "question-only", "rephrased", "rephrased-hard"]
+KINDS = ["verbatim", "embedded", "rewrapped", "noisy", "noised", "question-only", "rephrased", "rephrased-hard"]
 
 SYN = {"has": "owns", "have": "own", "bought": "purchased", "buys": "purchases", "buy": "purchase", "each": "every",
        "total": "overall", "earns": "makes", "earn": "make", "gives": "hands", "gave": "handed", "wants": "would like",
@@ -86,6 +88,12 @@ def noisy(text: str, rng: random.Random) -> str:
     return rng.choice([" ", "  "]).join(out)
 
 
+def noised(text: str) -> str:
+    """Punctuation deleted (``string.punctuation``: apostrophes, decimal points, underscores ...), lower-cased,
+    double-spaced."""
+    return "  ".join(text.translate(str.maketrans("", "", string.punctuation)).lower().split())
+
+
 def make_leaks(seed: int = 0):
     rng = random.Random(seed)
     gsm = [s for s in load_eval_segments([EVAL[0]])]
@@ -111,6 +119,8 @@ def make_leaks(seed: int = 0):
                 u = wrap(q) if typ == "math" else "\n".join("\t" + l.strip() for l in q.splitlines())
             elif kind == "noisy":
                 u = noisy(q, rng)
+            elif kind == "noised":
+                u = noised(q)
             elif kind == "question-only":
                 u, a = q, rng.choice(train_answers) if typ == "math" else "    pass\n"
             elif kind == "rephrased":

@@ -13,3 +13,15 @@ def concat_ranges(begins: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.
     np.cumsum(counts, out=offsets[1:])
     within = np.arange(int(offsets[-1])) - np.repeat(offsets[:-1], counts)
     return np.repeat(begins, counts) + within, offsets
+
+
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``np.unique(values)`` (flattened, sorted, distinct) by one sort. NumPy >= 2.3 answers a plain ``np.unique``
+    with a hash table, measured 100x slower than sorting on millions of distinct 64-bit integers."""
+    s = np.sort(values.ravel())
+    if s.size > 1:
+        keep = np.empty(s.size, dtype=bool)
+        keep[0] = True
+        np.not_equal(s[1:], s[:-1], out=keep[1:])
+        s = s[keep]
+    return s

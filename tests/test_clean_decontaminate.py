@@ -85,6 +85,29 @@ def test_every_leak_kind_is_matched_to_its_eval_item(eval_file):
     assert s["eval_segments"] == 4 and s["eval_segments_too_short"] == 1
 
 
+def test_noised_copies_are_caught_like_verbatim_ones(tmp_path):
+    """Punctuation stripped (apostrophes, decimal points, thousands separators, underscores), lower-cased and
+    double-spaced: the same tokens as the eval text once both are normalized."""
+    import string
+
+    items = ["Janet's ducks lay 16 eggs per day. She sells the remainder at $2.50 each, and she earns $1,000.",
+             'def has_close_elements(numbers: List[float], threshold: float) -> bool:\n    """ Check if in given '
+             'list of numbers, are any two numbers closer to each other than given threshold."""']
+    p = tmp_path / "ev.jsonl"
+    p.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in items))
+    strip = str.maketrans("", "", string.punctuation)
+    noised = ["  ".join(q.translate(strip).lower().split()) for q in items]
+    replaced = ["  ".join("".join(c if c.isalnum() or c.isspace() else " " for c in q).split()) for q in items]
+    dc = Decontaminator([str(p)], rephrase=False)
+    got = [m and (m["index"], m["overlap"]) for m in dc.scan([chat(i, q) for i, q in enumerate(noised + replaced)])]
+    # stripped: whole overlap. Punctuation replaced by spaces splits words ("janet s") the eval side keeps joined:
+    # only the n-grams away from punctuation match (the code item keeps 82% of them, the short one too few)
+    assert got == [(1, 1.0), (2, 1.0), None, (2, 0.8235)]
+    assert dc.summary()["normalization"]["punctuation"] == "delete"
+    assert dc.summary()["rephrase_normalization"]["punctuation"] == "space"  # content terms split at punctuation
+    assert Decontaminator([str(p)], normalize="punctuation=space").normalizer.punctuation == "space"
+
+
 def test_numbers_matter_and_unrelated_rows_stay(eval_file):
     dc = Decontaminator([str(eval_file)])
     # same wording, different numbers: still an n-gram copy of the template (overlap reported, below 1)
@@ -153,9 +176,11 @@ def test_decontaminate_api_and_cli(eval_file, tmp_path):
     result = decontaminate([str(src)], tmp_path / "kept.jsonl", eval_paths=[str(eval_file)], report=tmp_path / "r.jsonl")
     assert result["removed"] == {"contaminated": 1} and result["rows_kept"] == 1
     kept = [json.loads(l) for l in (tmp_path / "kept.jsonl").read_text().splitlines()]
-    assert kept == [{"messages": [{"role": "user", "content": "Tell me a joke."}, {"role": "assistant", "content": "No."}], "meta": 2}]
+    assert kept == [rows[1]]  # the input row as read: its own schema and fields
+    assert [json.loads(l) for l in (tmp_path / "kept.provenance.jsonl").read_text().splitlines()] == [
+        {"source": str(src), "row": 2}]
     rep = json.loads((tmp_path / "r.jsonl").read_text())
-    assert (rep["row"], rep["matched"]["id"], rep["matched"]["field"]) == (1, "q2", "question")
+    assert (rep["row"], rep["matched"]["id"], rep["matched"]["field"], rep["input"]) == (1, "q2", "question", rows[0])
     res = CliRunner().invoke(cmd, [str(src), "--eval", str(eval_file), "-o", str(tmp_path / "k2.jsonl"), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output[res.output.index("{"):])["removed"] == {"contaminated": 1}

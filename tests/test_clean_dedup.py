@@ -16,9 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sftdata.clean import Deduplicator, Normalizer, dedup, record_text
-from sftdata.clean.minhash import MinHasher, choose_bands, fold32, jaccard_sorted, miss_rate
+from sftdata.clean.dedup import DedupConfig, exact_first, sketch_batch
+from sftdata.clean.minhash import MinHasher, Screen, band_collisions, choose_bands, fold32, miss_rate, screen_miss_rate
+from sftdata.clean.pairs import connected_min_labels, pair_jaccard, set_matrix, set_values
 from sftdata.clean.normalize import reference_shingle_set, shingle_hashes, token_hashes
-from sftdata.record import Message, Record
+from sftdata.record import DataError, Message, Record
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -98,6 +100,13 @@ def test_normalization_options_are_configurable():
     assert len(run([c, d], near=False)[2]) == 1
     assert len(run([c, d], near=False, normalize={"whitespace": False})[2]) == 0
     assert Normalizer().normalize("Ｆｕｌｌ\u00a0width “quotes”—x") == "full width quotes x"
+    assert Normalizer(punctuation="delete").normalize("Don't pay $1,000.50 for has_close—elements!") == \
+        "dont pay 100050 for hascloseelements"
+    assert Normalizer(punctuation=True) == Normalizer() and Normalizer(punctuation=False).punctuation == "keep"
+    assert Normalizer.from_spec("digits=1", base=Normalizer(punctuation="delete")) == \
+        Normalizer(punctuation="delete", digits=True)
+    with pytest.raises(ValueError, match="punctuation must be one of"):
+        Normalizer(punctuation="drop")
     assert Normalizer(unicode=None).normalize("Ｆｕｌｌ") == "ｆｕｌｌ"
 
 
@@ -169,7 +178,8 @@ def test_empty_and_short_texts():
     _, kept, removed = run(recs, exact=False)
     assert [(r.record.row, r.reason, r.matched["row"], r.matched["jaccard"]) for r in removed] == [
         (5, "near-duplicate", 4, 1.0)]
-    assert jaccard_sorted(np.zeros(0, np.uint64), np.zeros(0, np.uint64)) == 0.0
+    empty = set_matrix(np.zeros(0, np.int64), np.zeros(3, np.int64))
+    assert pair_jaccard(empty, np.array([0]), np.array([1])).tolist() == [0.0]
 
 
 def test_no_records_and_single_record():
@@ -213,10 +223,10 @@ def test_filter_batch_in_a_different_order():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.text(alphabet=st.sampled_from(list("ab cD,.\n\t1é_-Ａ")), max_size=40), min_size=1, max_size=6),
-       st.integers(1, 6))
-def test_vectorized_shingles_match_reference(texts, n):
-    norm = Normalizer()
+@given(st.lists(st.text(alphabet=st.sampled_from(list("ab cD,.\n\t1é_-Ａ'")), max_size=40), min_size=1, max_size=6),
+       st.integers(1, 6), st.sampled_from(["space", "delete", "keep"]))
+def test_vectorized_shingles_match_reference(texts, n, punctuation):
+    norm = Normalizer(punctuation=punctuation)
     docs = [norm.normalize_bytes(t) for t in texts]
     tok, off = token_hashes(docs)
     sh, soff = shingle_hashes(tok, off, n)
@@ -283,9 +293,140 @@ def test_lsh_band_choice_and_miss_rate():
     # datasketch's automatic choice for 0.8/128 (9 bands x 13 rows) misses most pairs at exactly 0.8
     assert miss_rate(0.8, 9, 13) > 0.5
     dd = Deduplicator(threshold=0.7, num_perm=64)
-    assert dd.bands * dd.rows <= 64 and miss_rate(0.7, dd.bands, dd.rows) <= 0.01
+    assert dd.config.columns <= 64 and miss_rate(0.7, dd.config.bands, dd.config.rows) <= 0.01
     with pytest.raises(ValueError):
         Deduplicator(bands=30, rows=6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the pure steps (what a distributed engine runs per batch / per partition) against plain references
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 12), max_size=10), min_size=1, max_size=12), st.data())
+def test_pair_jaccard_is_exact(sets, data):
+    hashes = np.array([v for s in sets for v in s], dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    matrix = set_matrix(set_values(hashes), np.cumsum([0] + [len(s) for s in sets]))
+    assert [len(set(s)) for s in sets] == np.diff(matrix.indptr).tolist()
+    pairs = data.draw(st.lists(st.tuples(st.integers(0, len(sets) - 1), st.integers(0, len(sets) - 1)), max_size=20))
+    a = np.array([p[0] for p in pairs], dtype=np.int64)
+    b = np.array([p[1] for p in pairs], dtype=np.int64)
+    got = pair_jaccard(matrix, a, b, chunk=3)
+    for (x, y), j in zip(pairs, got):
+        sx, sy = set(sets[x]), set(sets[y])
+        assert j == (len(sx & sy) / len(sx | sy) if sx and sy else 0.0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 25), st.lists(st.tuples(st.integers(0, 24), st.integers(0, 24)), max_size=40))
+def test_connected_min_labels_matches_union_find(n, edges):
+    edges = [(x % n, y % n) for x, y in edges]
+    parent = list(range(n))
+
+    def find(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for x, y in edges:
+        rx, ry = find(x), find(y)
+        parent[max(rx, ry)] = min(rx, ry)
+    a = np.array([e[0] for e in edges], dtype=np.int64)
+    b = np.array([e[1] for e in edges], dtype=np.int64)
+    assert connected_min_labels(n, a, b).tolist() == [find(i) for i in range(n)]
+
+
+def test_exact_first_is_a_group_by_keeping_the_earliest_row():
+    keys = np.array([[1, 2], [3, 4], [1, 2], [1, 3], [3, 4], [1, 2]], dtype=np.uint64)
+    assert exact_first(keys).tolist() == [0, 1, 0, 3, 1, 0]
+    assert exact_first(np.zeros((0, 2), np.uint64)).tolist() == []
+
+
+@pytest.mark.parametrize("max_pairs", [1, 5, 1 << 22])
+def test_band_collisions_yield_every_pair_sharing_a_band(max_pairs):
+    rng = np.random.default_rng(5)
+    keys = rng.integers(0, 4, size=(3, 40)).astype(np.uint64)  # (bands, docs): big buckets
+    keys[1, :30] = 7  # one bucket of 30 documents: 435 pairs, cut into chunks when max_pairs is small
+    got = [(int(x), int(y)) for a, b in band_collisions(keys, max_pairs=max_pairs) for x, y in zip(a, b)]
+    want = [(i, j) for band in keys for i in range(40) for j in range(i + 1, 40) if band[i] == band[j]]
+    assert sorted(got) == sorted(want) and all(i < j for i, j in got)
+
+
+def test_screen_keeps_close_pairs_and_drops_distant_ones():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 1 << 32, size=126, dtype=np.uint64).astype(np.uint32)
+    rows = [base.copy() for _ in range(4)]
+    for row, changed in zip(rows[1:], (13, 44, 51)):  # 90%, 65% (the margin's edge), 60% of the columns equal
+        row[rng.choice(126, changed, replace=False)] += 1
+    screen = Screen(np.array(rows).astype(np.uint8))
+    keep = screen.pairs(np.array([0, 0, 0]), np.array([1, 2, 3]), threshold=0.8, margin=0.15)
+    assert keep.tolist() == [True, True, False]
+    assert screen_miss_rate(0.8, 0.15, 126) < 1e-4
+
+
+def test_sketches_do_not_depend_on_batching_and_the_deduplicator_pickles_mid_run():
+    import pickle
+
+    recs = [text(i + 1, words_replaced(BASE, [i % 60])) for i in range(12)] + [text(13, "unrelated text here")]
+    cfg = DedupConfig()
+    whole = sketch_batch(recs, cfg)
+    parts = [sketch_batch(recs[i:i + 5], cfg) for i in range(0, len(recs), 5)]
+    for name in ("exact_keys", "band_keys", "screen"):
+        assert np.array_equal(getattr(whole, name), np.concatenate([getattr(p, name) for p in parts]))
+    dd = Deduplicator()
+    dd.add_batch(recs[:6])
+    clone = pickle.loads(pickle.dumps(dd))  # holds arrays and a spill file path, no open file
+    for d in (dd, clone):
+        d.add_batch(recs[6:])
+    kept = [[r.row for r in d.filter_batch(recs)[0]] for d in (dd, clone)]
+    assert kept[0] == kept[1] == [1, 13]
+
+
+def test_exact_repeats_are_compacted_away_and_change_nothing():
+    recs = [text(i + 1, words_replaced(BASE, [i % 7]) if i % 3 else BASE) for i in range(40)]
+    results = []
+    for every in (1 << 16, 1):  # never compacted / compacted after every batch
+        dd = Deduplicator()
+        dd.compact_min_rows = every
+        for i in range(0, len(recs), 4):
+            dd.add_batch(recs[i:i + 4])
+        if every == 1:  # after a compaction only the 8 distinct texts keep their sketches
+            dd._compact()
+            assert sum(len(r) for r in dd._near_rows) == 8
+        kept, removed = dd.filter_batch(recs)
+        results.append(([r.row for r in kept], [(r.record.row, r.reason, r.matched["row"]) for r in removed]))
+    assert results[0] == results[1] and results[0][0] == [1]
+
+
+def test_kept_set_equals_exact_all_pairs_clustering():
+    """On families far above the threshold (LSH misses none of their pairs), the kept set is the earliest row of
+    each connected component of the exact-Jaccard >= threshold graph over all pairs."""
+    rng = random.Random(11)
+    words = BASE.split()
+    recs, texts = [], []
+    for fam in range(6):
+        base = [f"{w}{fam}" for w in words]
+        for _ in range(rng.randrange(1, 5)):
+            w = list(base)
+            if rng.random() < 0.7:
+                w[rng.randrange(len(w))] = "zebra"
+            texts.append(" ".join(w))
+    rng.shuffle(texts)
+    recs = [text(i + 1, t) for i, t in enumerate(texts)]
+    _, kept, _ = run(recs, batch=4)
+    parent = list(range(len(texts)))
+
+    def find(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for i in range(len(texts)):
+        for j in range(i + 1, len(texts)):
+            if exact_j(texts[i], texts[j]) >= 0.8:
+                ri, rj = find(i), find(j)
+                parent[max(ri, rj)] = min(ri, rj)
+    assert [r.row for r in kept] == [i + 1 for i in range(len(texts)) if find(i) == i]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -296,7 +437,7 @@ def _write_jsonl(path: Path, rows) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_dedup_api_writes_kept_rows_and_report(tmp_path):
+def test_dedup_api_writes_input_rows_unchanged_with_provenance_and_report(tmp_path):
     rows = [
         {"instruction": "Summarize the text.", "input": BASE, "output": "A budget moved.", "id": "a"},
         {"instruction": "Summarize the text.", "input": words_replaced(BASE, [7]), "output": "A budget moved.", "id": "b"},
@@ -304,22 +445,94 @@ def test_dedup_api_writes_kept_rows_and_report(tmp_path):
         {"instruction": "Say hi.", "output": "Hi!", "id": "d"},
     ]
     src = tmp_path / "in.jsonl"
-    _write_jsonl(src, rows)
+    # key order and spacing of the input lines are kept byte for byte; line 3 is blank, line 4 is not JSON
+    lines = [json.dumps(rows[0]), json.dumps(rows[1], indent=None, separators=(",", ":")), "", "{not json",
+             json.dumps(rows[2]), json.dumps({"id": "d", "output": "Hi!", "instruction": "Say hi."})]
+    src.write_text("\n".join(lines) + "\n")
     result = dedup([str(src)], tmp_path / "kept.jsonl", report=tmp_path / "removed.jsonl")
     assert result["rows_read"] == 4 and result["rows_kept"] == 2
     assert result["removed"] == {"exact-duplicate": 1, "near-duplicate": 1}
-    kept = [json.loads(l) for l in (tmp_path / "kept.jsonl").read_text().splitlines()]
-    assert [k["id"] for k in kept] == ["a", "d"]
-    assert kept[0]["messages"][0]["role"] == "user" and "alpaca_input" not in kept[0]
+    assert result["skipped"] == {"malformed-json": 1}
+    assert (tmp_path / "kept.jsonl").read_text().splitlines() == [lines[0], lines[5]]
+    assert result["provenance"] == str(tmp_path / "kept.provenance.jsonl")
+    provenance = [json.loads(l) for l in (tmp_path / "kept.provenance.jsonl").read_text().splitlines()]
+    assert provenance == [{"source": str(src), "row": 1}, {"source": str(src), "row": 6}]
     report = [json.loads(l) for l in (tmp_path / "removed.jsonl").read_text().splitlines()]
-    assert [(r["row"], r["reason"], r["matched"]["row"]) for r in report] == [(2, "near-duplicate", 1), (3, "exact-duplicate", 1)]
+    assert [(r["row"], r["reason"], r["matched"]["row"], r["input"]) for r in report] == [
+        (2, "near-duplicate", 1, rows[1]), (5, "exact-duplicate", 1, rows[2])]
     assert result["cleaning"]["representative_rule"].startswith("earliest row")
-    # Parquet output
-    result = dedup([str(src)], tmp_path / "kept.parquet", near=False)
+    # JSONL to Parquet: the input's fields as columns
     import pyarrow.parquet as pq
 
-    t = pq.read_table(tmp_path / "kept.parquet")
-    assert t.num_rows == 3 and "messages" in t.column_names and "id" in t.column_names
+    dedup([str(src)], tmp_path / "kept.parquet", near=False)
+    assert pq.read_table(tmp_path / "kept.parquet").to_pylist() == [rows[0], rows[1], {**rows[3], "input": None}]
+
+
+def test_dedup_keeps_fields_types_and_provenance_of_every_input_format(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"instruction": ["Say hi.", "say HI", "Count to three."], "output": ["Hi!", "hi", "1 2 3"],
+                      "score": pa.array([1, 2, 3], pa.int32()), "tags": [["a"], [], ["b", "c"]]})
+    pq.write_table(table, tmp_path / "a.parquet")
+    pq.write_table(table.slice(0, 1), tmp_path / "b.parquet")
+    (tmp_path / "c.json").write_text(json.dumps([{"instruction": "Count to three.", "output": "1 2 3", "n": 1},
+                                                 {"instruction": "Name a color.", "output": "Red.", "n": 2}]))
+    result = dedup([str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")], tmp_path / "kept.parquet")
+    kept = pq.read_table(tmp_path / "kept.parquet")
+    assert kept.schema == table.schema  # the inputs' own column types (int32 stays int32)
+    assert kept.to_pylist() == [table.to_pylist()[0], table.to_pylist()[2]]
+    assert result["removed"] == {"exact-duplicate": 2}
+    result = dedup([str(tmp_path / "a.parquet"), str(tmp_path / "c.json")], tmp_path / "kept.jsonl",
+                   provenance=tmp_path / "where.jsonl")
+    assert [json.loads(l) for l in (tmp_path / "kept.jsonl").read_text().splitlines()] == [
+        table.to_pylist()[0], table.to_pylist()[2], {"instruction": "Name a color.", "output": "Red.", "n": 2}]
+    assert [json.loads(l) for l in (tmp_path / "where.jsonl").read_text().splitlines()] == [
+        {"source": str(tmp_path / "a.parquet"), "row": 1}, {"source": str(tmp_path / "a.parquet"), "row": 3},
+        {"source": str(tmp_path / "c.json"), "row": 2}]
+
+
+def test_dedup_refuses_to_write_over_an_input(tmp_path):
+    src = tmp_path / "in.jsonl"
+    _write_jsonl(src, [{"text": BASE}])
+    for kwargs in ({"output": src}, {"output": tmp_path / "o.jsonl", "report": src},
+                   {"output": tmp_path / "o.jsonl", "provenance": src}):
+        with pytest.raises(DataError, match="also an input"):
+            dedup([str(src)], **kwargs)
+    assert json.loads(src.read_text()) == {"text": BASE}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_dedup_then_build_equals_build_with_dedup(tmp_path):
+    """Standalone dedup writes the input rows, so building its output gives the examples build --dedup gives
+    (Alpaca rows keep their instruction/input fields, which the alpaca template renders)."""
+    from conftest import REPO, TINY_TOKENIZER
+
+    from sftdata.build import build
+
+    base = [json.loads(l) for l in (REPO / "examples" / "data" / "alpaca.jsonl").read_text().splitlines()[:24]]
+    rows = list(base)
+    rows.insert(5, {**base[2], "instruction": base[2]["instruction"].upper()})       # exact duplicate of row 3
+    long_row = max(base, key=lambda r: len(r["response"].split()))
+    words = long_row["response"].split()
+    rows.insert(11, {**long_row, "response": " ".join(words[:-1] + ["zebra"])})       # near duplicate
+    src = tmp_path / "train.jsonl"
+    _write_jsonl(src, rows)
+    options = dict(template="alpaca", tokenizer=str(TINY_TOKENIZER), force=True)
+    direct = build([str(src)], output=tmp_path / "direct", dedup=True, **options)
+    summary = dedup([str(src)], tmp_path / "kept.jsonl")
+    assert summary["removed"] == {"exact-duplicate": 1, "near-duplicate": 1}
+    two_step = build([str(tmp_path / "kept.jsonl")], output=tmp_path / "two_step", **options)
+
+    def examples(out: Path) -> list[tuple]:
+        import pyarrow.parquet as pq
+
+        manifest = json.loads((out / "manifest.json").read_text())
+        return [(r["input_ids"], r["labels"]) for f in manifest["splits"]["train"]["files"]
+                for r in pq.read_table(out / f).to_pylist()]
+
+    assert direct.manifest["counts"]["rows_kept"] == two_step.manifest["counts"]["rows_kept"] == 24
+    assert examples(tmp_path / "direct") == examples(tmp_path / "two_step")
 
 
 def test_cli_dedup(tmp_path):
@@ -329,9 +542,12 @@ def test_cli_dedup(tmp_path):
 
     src = tmp_path / "in.jsonl"
     _write_jsonl(src, [{"text": BASE}, {"text": BASE.upper()}, {"text": words_replaced(BASE, [4])}])
-    res = CliRunner().invoke(dedup_cmd, [str(src), "--output", str(tmp_path / "o.jsonl"), "--no-near", "--json"])
+    res = CliRunner().invoke(dedup_cmd, [str(src), "--output", str(tmp_path / "o.jsonl"), "--no-near", "--json",
+                                         "--provenance", str(tmp_path / "where.jsonl")])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output[res.output.index("{"):])["removed"] == {"exact-duplicate": 1}
+    summary = json.loads(res.output[res.output.index("{"):])
+    assert summary["removed"] == {"exact-duplicate": 1} and summary["provenance"] == str(tmp_path / "where.jsonl")
+    assert [json.loads(l)["row"] for l in (tmp_path / "where.jsonl").read_text().splitlines()] == [1, 3]
     res = CliRunner().invoke(dedup_cmd, [str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o.jsonl")])
     assert res.exit_code == 1 and "missing.jsonl" in res.output
 

@@ -8,7 +8,7 @@ See ``docs/cleaning.md`` for the rules and the measured figures.
 from sftdata.clean.api import decontaminate, dedup
 from sftdata.clean.decontaminate import Decontaminator
 from sftdata.clean.dedup import REPRESENTATIVE_RULE, Deduplicator
-from sftdata.clean.io import DEFAULT_EVAL_FIELDS, EvalSegment, load_eval_segments, record_row
+from sftdata.clean.io import DEFAULT_EVAL_FIELDS, EvalSegment, load_eval_segments
 from sftdata.clean.normalize import Normalizer, record_text
 
 __all__ = [
@@ -21,6 +21,5 @@ __all__ = [
     "decontaminate",
     "dedup",
     "load_eval_segments",
-    "record_row",
     "record_text",
 ]

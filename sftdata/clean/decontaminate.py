@@ -1,7 +1,8 @@
 """Eval-set decontamination: remove training rows that contain (or restate) an eval item.
 
-Two detectors share one normalization and tokenization (:mod:`sftdata.clean.normalize`; case, punctuation,
-whitespace, line wrapping and Unicode forms never hide a copy, digits are kept):
+Two detectors share one normalization and tokenization, applied identically to eval and training text
+(:mod:`sftdata.clean.normalize` with ``punctuation="delete"``: case, punctuation, whitespace, line wrapping and
+Unicode forms never hide a copy, whether its punctuation was kept, changed or stripped; digits are kept):
 
 ``ngram`` (copies). Every eval segment (one field of one eval row, e.g. a GSM8K ``question``, a HumanEval
 ``prompt``, one MT-bench turn) is cut into word ``n``-grams (default 8; segments shorter than ``n`` tokens but
@@ -9,7 +10,8 @@ at least ``min_tokens`` long are one gram of all their tokens). A training row's
 fraction of the segment's distinct n-grams that occur anywhere in the row (its text with roles, all turns). The
 row is contaminated when the overlap is at least ``min_overlap`` (default 0.5). This catches verbatim copies,
 copies embedded in longer text, question-only leaks (the eval question with a different or no answer), and
-copies with case / punctuation / whitespace / line-wrapping changes, all at overlap 1.0.
+copies with case / punctuation / whitespace / line-wrapping changes (punctuation stripped included), all at
+overlap 1.0.
 
 ``rephrase`` (restated items; n-gram tools catch ~0% of these). A rephrasing keeps what the item is *about*:
 its numbers, names and rare content words. Each segment's content tokens (no stopwords) are weighted by inverse
@@ -25,12 +27,13 @@ Each removal names the eval file, row (1-based), id, field, the overlap / score 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Iterable
 
 import numpy as np
 
-from sftdata.arrays import concat_ranges
+from sftdata.arrays import concat_ranges, sorted_unique
 from sftdata.clean.io import EvalSegment, load_eval_segments
 from sftdata.clean.normalize import Normalizer, shingle_hashes, token_hashes
 from sftdata.record import Record, Removal
@@ -46,6 +49,11 @@ why will with would you your yours yourself yourselves s t also many much one tw
 ten first second given write return returns function number numbers list string str int float def python code example
 following find get make use using new let us may might must shall per each every total many how what""".split()
 
+
+
+# Punctuation is deleted, not replaced by a space: a copy whose punctuation was stripped ("dont", "1000",
+# "hascloseelements") then gives the same tokens as the eval text ("don't", "1,000", "has_close_elements").
+EVAL_NORMALIZER = Normalizer(punctuation="delete")
 
 
 class _GramIndex:
@@ -125,7 +133,11 @@ class Decontaminator:
         self.ngram = int(ngram)
         self.min_overlap = float(min_overlap)
         self.min_tokens = int(min_tokens)
-        self.normalizer = Normalizer.from_spec(normalize)
+        self.normalizer = Normalizer.from_spec(normalize, base=EVAL_NORMALIZER)
+        # content terms split at punctuation: `has_close_elements(numbers: List[float])` gives has, close, elements,
+        # numbers, list, float, the words a restatement uses (deleting would give hascloseelements, listfloat)
+        self.term_normalizer = (dataclasses.replace(self.normalizer, punctuation="space")
+                                if self.normalizer.punctuation == "delete" else self.normalizer)
         self.rephrase = rephrase
         self.rephrase_threshold = float(rephrase_threshold)
         self.rephrase_min_terms = int(rephrase_min_terms)
@@ -140,7 +152,6 @@ class Decontaminator:
     def _build(self) -> None:
         docs = [self.normalizer.normalize_bytes(s.text) for s in self.segments]
         tok, off = token_hashes(docs)
-        self._seg_tok, self._seg_off = tok, off
         ntok = np.diff(off)
         n = self.ngram
         grams: list[np.ndarray] = []
@@ -173,12 +184,10 @@ class Decontaminator:
 
     def _build_terms(self) -> None:
         """Content-token index for the rephrase detector."""
-        from sftdata.clean.normalize import token_hashes as th
-
-        stop_docs = [self.normalizer.normalize_bytes(w) for w in STOPWORDS]
-        stop_h, _ = th(stop_docs)
-        stop = np.unique(stop_h)
-        tok, off = self._seg_tok, self._seg_off
+        tn = self.term_normalizer
+        stop_h, _ = token_hashes([tn.normalize_bytes(w) for w in STOPWORDS])
+        stop = sorted_unique(stop_h)
+        tok, off = token_hashes([tn.normalize_bytes(s.text) for s in self.segments])
         nseg = len(self.segments)
         seg_of = np.repeat(np.arange(nseg), np.diff(off))
         # token byte lengths and digit-ness from the normalized text (build time only: eval sets are small)
@@ -186,7 +195,7 @@ class Decontaminator:
         short = np.zeros(len(tok), dtype=bool)
         i = 0
         for s in self.segments:
-            for t in self.normalizer.normalize_bytes(s.text).split():
+            for t in tn.normalize_bytes(s.text).split():
                 is_num[i] = t.isdigit()
                 short[i] = len(t) < 2 and not t.isdigit()
                 i += 1
@@ -234,20 +243,26 @@ class Decontaminator:
         Each record is tokenized as two documents: its prompt side (system / user / tool turns, or the whole raw
         text) and its assistant side; n-grams are looked up in both, the rephrase detector reads the prompt side.
         """
-        docs: list[bytes] = []
-        nb = self.normalizer.normalize_bytes
+        prompts, answers = [], []
         for r in records:
             if r.messages is None:
-                docs.append(nb(r.text or ""))
-                docs.append(b"")
+                prompts.append(r.text or "")
+                answers.append("")
             else:
-                docs.append(nb("\n".join(f"{m.role}: {m.content}" for m in r.messages if m.role != "assistant")))
-                docs.append(nb("\n".join(f"{m.role}: {m.content}" for m in r.messages if m.role == "assistant")))
-        tok, off = token_hashes(docs)
-        return self.scan_tokens(tok, off)
+                prompts.append("\n".join(f"{m.role}: {m.content}" for m in r.messages if m.role != "assistant"))
+                answers.append("\n".join(f"{m.role}: {m.content}" for m in r.messages if m.role == "assistant"))
+        nb = self.normalizer.normalize_bytes
+        tok, off = token_hashes([nb(t) for pair in zip(prompts, answers) for t in pair])
+        terms = None
+        if self.rephrase and self.term_normalizer != self.normalizer:
+            terms = token_hashes([self.term_normalizer.normalize_bytes(t) for t in prompts])
+        return self.scan_tokens(tok, off, terms)
 
-    def scan_tokens(self, tok: np.ndarray, off: np.ndarray) -> list[dict[str, Any] | None]:
-        """``tok``/``off`` as from :func:`token_hashes` over two documents per record (prompt side, answer side)."""
+    def scan_tokens(self, tok: np.ndarray, off: np.ndarray,
+                    terms: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict[str, Any] | None]:
+        """``tok``/``off`` as from :func:`token_hashes` over two documents per record (prompt side, answer side);
+        ``terms``: the prompt sides tokenized with :attr:`term_normalizer` (one document per record) when it differs
+        from :attr:`normalizer`."""
         D = (len(off) - 1) // 2
         result: list[dict[str, Any] | None] = [None] * D
         nkeys = max(len(self.index.keys), 1)
@@ -259,7 +274,7 @@ class Decontaminator:
                 rows_l.append((np.searchsorted(soff, pos, side="right") - 1) // 2)
                 keys_l.append(key)
         if rows_l:
-            code = np.unique(np.concatenate(rows_l) * nkeys + np.concatenate(keys_l))
+            code = sorted_unique(np.concatenate(rows_l) * nkeys + np.concatenate(keys_l))
             rows, keys = np.divmod(code, nkeys)
             r, sg = self.index.expand(rows, keys)
             nseg = len(self.segments)
@@ -276,21 +291,22 @@ class Decontaminator:
                                               matched_ngrams=int(cnt[i]), eval_ngrams=int(self.seg_ngrams[seg]),
                                               ngram=self.ngram)
         if self.rephrase:
-            self._scan_rephrase(tok, off, result)
+            if terms is None:  # the prompt sides of tok/off
+                counts_doc = np.diff(off)
+                prompt_off = np.zeros(D + 1, dtype=np.int64)
+                np.cumsum(counts_doc[0::2], out=prompt_off[1:])
+                terms = tok[np.repeat(np.arange(2 * D) % 2 == 0, counts_doc)], prompt_off
+            self._scan_rephrase(*terms, result)
         return result
 
-    def _scan_rephrase(self, tok: np.ndarray, off: np.ndarray, result: list[dict[str, Any] | None]) -> None:
-        ndoc = len(off) - 1
-        counts_doc = np.diff(off)
-        prompt_tok = tok[np.repeat(np.arange(ndoc) % 2 == 0, counts_doc)]
-        prompt_off = np.zeros(ndoc // 2 + 1, dtype=np.int64)
-        np.cumsum(counts_doc[0::2], out=prompt_off[1:])
+    def _scan_rephrase(self, prompt_tok: np.ndarray, prompt_off: np.ndarray,
+                       result: list[dict[str, Any] | None]) -> None:
         pos, tid = self._term_index.lookup(prompt_tok)
         if not len(pos):
             return
         row_of = np.searchsorted(prompt_off, pos, side="right") - 1
         T = len(self._terms)
-        hitcode = np.unique(row_of * T + tid)
+        hitcode = sorted_unique(row_of * T + tid)
         rows, tids = np.divmod(hitcode, T)
         rare = self._term_rare[tids]
         rows, tids = rows[rare], tids[rare]
@@ -371,6 +387,7 @@ class Decontaminator:
             "rephrase_min_rare": self.rephrase_min_rare,
             "rephrase_max_numbers": self.rephrase_max_numbers,
             "normalization": self.normalizer.to_dict(),
+            "rephrase_normalization": self.term_normalizer.to_dict(),
             "rows_seen": self.counts["rows_seen"],
             "removed": {"contaminated": self.counts["removed"]},
             "removed_by_method": dict(self.counts["by_method"]),

@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from sftdata.record import DataError, Record, Removal
+from sftdata.record import DataError, Removal
 
 # Fields read from an eval row when none are selected (the first ones present are used, all of them):
 # GSM8K `question`, HumanEval `prompt`, MT-bench `turns`, chat `messages` (user turns), and common alternatives.
 DEFAULT_EVAL_FIELDS = ("question", "prompt", "turns", "messages", "problem", "instruction", "input", "text")
 ID_FIELDS = ("task_id", "question_id", "id", "idx", "uid")
-INTERNAL_EXTRA = ("alpaca_input", "alpaca_instruction")  # added by ingest, not fields of the input row
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,44 +134,123 @@ def load_eval_segments(paths: Iterable[str], fields: Iterable[str] | str | None 
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Output
+# Output: kept rows exactly as they were read, their provenance, and the audit report
 
 
-def record_row(record: Record) -> dict[str, Any]:
-    """A kept record as an output row: canonical ``messages`` (or ``text``) plus the row's other fields."""
-    row: dict[str, Any] = {}
-    if record.is_chat:
-        row["messages"] = [{k: v for k, v in m.to_json().items() if k not in (m.fields or {})} for m in record.messages]
-    else:
-        row["text"] = record.text
-    for k, v in record.extra.items():
-        if k not in row and k not in INTERNAL_EXTRA:
-            row[k] = v
-    return row
+def is_jsonl(path: str | Path) -> bool:
+    """A JSON-lines input file (optionally gzip): its kept lines can be copied byte for byte."""
+    name = Path(path).name.lower()
+    name = name[:-3] if name.endswith(".gz") else name
+    return name.endswith((".jsonl", ".ndjson")) and Path(path).is_file()
 
 
-class RowWriter:
-    """Writes rows as JSONL, or as Parquet when the path ends in ``.parquet`` (buffered, one row group per flush)."""
+def jsonl_lines(path: str | Path) -> Iterable[tuple[int, bytes]]:
+    """``(line number, line)`` of a JSON-lines file (gzip detected by its magic bytes), numbered as ingest numbers
+    rows; the line has no line break and no byte-order mark."""
+    with open(path, "rb") as raw:
+        head = raw.read(2)
+        raw.seek(0)
+        stream = gzip.GzipFile(fileobj=raw) if head == b"\x1f\x8b" else raw
+        for number, line in enumerate(stream, start=1):
+            if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            yield number, line.rstrip(b"\r\n")
+
+
+def parquet_schema(paths: list[str]) -> Any:
+    """The Arrow schema shared by ``paths`` when every one is a Parquet file with the same schema, else None."""
+    import pyarrow.parquet as pq
+
+    schemas = []
+    for p in paths:
+        if not (str(p).lower().endswith(".parquet") and Path(p).is_file()):
+            return None
+        try:
+            schemas.append(pq.read_schema(p))
+        except Exception:
+            return None
+    if schemas and all(s.equals(schemas[0]) for s in schemas[1:]):
+        return schemas[0].remove_metadata()
+    return None
+
+
+def default_provenance_path(output: str | Path) -> Path:
+    """Where the provenance of ``output``'s rows goes by default: ``kept.jsonl`` -> ``kept.provenance.jsonl``."""
+    output = Path(output)
+    return output.with_name(output.with_suffix("").name + ".provenance.jsonl")
+
+
+def report_row(removal: Removal) -> dict[str, Any]:
+    """A removed row in the audit report of ``sftdata dedup`` / ``decontaminate``: where it was, why it went, what it
+    matched, and the input row as read (``input``), so a person can check the decision or restore the row."""
+    return {"source": removal.record.source, "row": removal.record.row, "stage": removal.stage,
+            "reason": removal.reason, "detail": removal.detail, "matched": removal.matched,
+            "input": removal.record.raw}
+
+
+class JsonlFile:
+    """A JSONL file written to ``PATH.tmp`` and renamed into place on :meth:`close` (removed on :meth:`abort`)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._file = open(self._tmp, "wb")
+
+    def write(self, rows: Iterable[Any]) -> None:
+        self._file.writelines(json.dumps(r, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass") + b"\n"
+                              for r in rows)
+
+    def write_lines(self, lines: Iterable[bytes]) -> None:
+        """Rows already serialized, one JSON object per item (no line break)."""
+        self._file.write(b"".join(line + b"\n" for line in lines))
+
+    def close(self) -> None:
+        self._file.close()
+        self._tmp.replace(self.path)
+
+    def abort(self) -> None:
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+class RowWriter:
+    """Writes input rows unchanged: as JSONL, or as Parquet when the path ends in ``.parquet`` (buffered, one row
+    group per flush; ``schema``, e.g. the inputs' own Parquet schema, keeps their column types)."""
+
+    def __init__(self, path: str | Path, schema: Any = None):
+        self.path = Path(path)
         self.parquet = self.path.name.lower().endswith(".parquet")
+        self.schema = schema
         self.rows = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(self.path.name + ".tmp")
         self._buffer: list[dict[str, Any]] = []
         self._writer = None
-        self._file = None if self.parquet else open(self._tmp, "w", encoding="utf-8")
+        self._file = None if self.parquet else open(self._tmp, "wb")
 
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
-        for row in rows:
-            self.rows += 1
-            if self._file is not None:
-                self._file.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-            else:
+        """Rows as parsed (dicts)."""
+        if self._file is not None:
+            for row in rows:
+                self.rows += 1
+                self._file.write(json.dumps(row, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass") + b"\n")
+        else:
+            for row in rows:
+                self.rows += 1
                 self._buffer.append(row)
-        if self.parquet and len(self._buffer) >= 50_000:
-            self._flush()
+            if len(self._buffer) >= 50_000:
+                self._flush()
+
+    def write_lines(self, lines: Iterable[bytes]) -> None:
+        """Rows as JSON text, one per line, written to JSONL byte for byte."""
+        if self._file is not None:
+            lines = list(lines)
+            self.rows += len(lines)
+            if lines:
+                self._file.write(b"\n".join(lines) + b"\n")
+        else:
+            self.write(json.loads(line) for line in lines)
 
     def _flush(self) -> None:
         import pyarrow as pa
@@ -180,11 +258,18 @@ class RowWriter:
 
         if not self._buffer:
             return
-        table = pa.Table.from_pylist(self._buffer)
+        schema = self.schema if self.schema is not None else (self._writer.schema if self._writer else None)
+        if schema is not None:
+            extra = set().union(*(row.keys() for row in self._buffer)) - set(schema.names)
+            if extra:  # from_pylist would drop them silently
+                raise DataError(f"{self.path}: rows have fields {sorted(extra)} that the output's Parquet schema "
+                                "lacks; write JSONL instead")
+        try:
+            table = pa.Table.from_pylist(self._buffer, schema=schema)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise DataError(f"{self.path}: rows do not fit one Parquet schema ({e}); write JSONL instead") from None
         if self._writer is None:
             self._writer = pq.ParquetWriter(self._tmp, table.schema, compression="zstd")
-        else:
-            table = table.cast(self._writer.schema)
         self._writer.write_table(table)
         self._buffer = []
 
@@ -197,9 +282,7 @@ class RowWriter:
 
             self._flush()
             if self._writer is None:
-                pq.write_table(pa.table({"messages": pa.array([], pa.list_(pa.struct([("role", pa.string()),
-                                                                                     ("content", pa.string())])))}),
-                               self._tmp)
+                pq.write_table((self.schema or pa.schema([])).empty_table(), self._tmp)
             else:
                 self._writer.close()
         self._tmp.replace(self.path)
@@ -210,7 +293,3 @@ class RowWriter:
         if self._writer is not None:
             self._writer.close()
         self._tmp.unlink(missing_ok=True)
-
-
-def removal_row(removal: Removal) -> dict[str, Any]:
-    return removal.to_dict()

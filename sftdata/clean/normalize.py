@@ -5,8 +5,11 @@ Normalization (:class:`Normalizer`, every step configurable, applied in this ord
 1. ``unicode="NFKC"``: Unicode compatibility normalization (full-width letters and digits, ligatures, non-breaking
    and other exotic spaces become their plain forms). ``None`` skips it.
 2. ``lowercase=True``: case folding with ``str.lower``.
-3. ``punctuation=True``: every character that is neither a word character (letter, digit, ``_``) nor whitespace
-   becomes a space, so ``"x=1,y"`` gives the tokens ``x 1 y``.
+3. ``punctuation``: ``"space"`` (``True``, the dedup default): every character that is neither a word character
+   (letter, digit, ``_``) nor whitespace becomes a space, so ``"x=1,y"`` gives the tokens ``x 1 y``.
+   ``"delete"`` (the decontamination default): every character that is not a letter, digit or whitespace (``_``
+   included) is removed, so ``"don't"``, ``"1,000"`` and ``has_close_elements`` give ``dont``, ``1000`` and
+   ``hascloseelements``: the same tokens as a copy whose punctuation was stripped. ``"keep"`` (``False``): unchanged.
 4. ``whitespace=True``: runs of whitespace (spaces, tabs, newlines, line wrapping) become one space and the ends
    are stripped. Tokens are always split on whitespace; this option only decides whether exact-duplicate
    hashing sees a difference in spacing.
@@ -33,6 +36,8 @@ import numpy as np
 from sftdata.record import Record
 
 _PUNCT = re.compile(r"[^\w\s]")
+_PUNCT_OR_UNDERSCORE = re.compile(r"[^\w\s]|_")
+PUNCTUATION_MODES = ("space", "delete", "keep")
 _DIGIT = re.compile(r"\d")
 _NON_ASCII_SPACE = re.compile(r"[^\S\t\n\x0b\x0c\r ]")  # whitespace that is not ASCII whitespace
 _ASCII_WS = b" \t\n\x0b\x0c\r"
@@ -53,34 +58,46 @@ class Normalizer:
     """How text is normalized before hashing; see the module docstring for the exact rules."""
 
     lowercase: bool = True
-    punctuation: bool = True
+    punctuation: str = "space"
     whitespace: bool = True
     unicode: str | None = "NFKC"
     digits: bool = False
     _table: bytes = field(default=b"", init=False, repr=False, compare=False)
+    _delete: bytes = field(default=b"", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.unicode not in (None, "NFC", "NFKC", "NFD", "NFKD"):
             raise ValueError(f"unicode must be None, NFC, NFKC, NFD or NFKD, not {self.unicode!r}")
+        if isinstance(self.punctuation, bool):
+            object.__setattr__(self, "punctuation", "space" if self.punctuation else "keep")
+        if self.punctuation not in PUNCTUATION_MODES:
+            raise ValueError(f"punctuation must be one of {PUNCTUATION_MODES}, not {self.punctuation!r}")
         table = bytearray(range(256))
+        delete = bytearray()
         for c in range(128):
             ch = chr(c)
             if self.lowercase:
                 table[c] = ord(ch.lower())
-            if self.punctuation and _PUNCT.match(ch):
+            if self.punctuation == "space" and _PUNCT.match(ch):
                 table[c] = 32
+            if self.punctuation == "delete" and _PUNCT_OR_UNDERSCORE.match(ch) and not ch.isspace():
+                delete.append(c)
             if self.digits and ch.isdigit():
                 table[c] = ord("0")
             if c in (0x1C, 0x1D, 0x1E, 0x1F):  # whitespace to str.split, not to bytes.split: make it a space
                 table[c] = 32
         object.__setattr__(self, "_table", bytes(table))
+        object.__setattr__(self, "_delete", bytes(delete))
 
     @classmethod
-    def from_spec(cls, spec: "Normalizer | dict[str, Any] | str | None") -> "Normalizer":
+    def from_spec(cls, spec: "Normalizer | dict[str, Any] | str | None",
+                  base: "Normalizer | None" = None) -> "Normalizer":
         """Build from a Normalizer, a dict of options, ``None`` (defaults) or a string like
-        ``"lowercase=0,punctuation=1,digits=0,unicode=NFKC"``."""
+        ``"lowercase=0,punctuation=delete,digits=0,unicode=NFKC"`` (``punctuation`` takes ``space``, ``delete``,
+        ``keep`` or a boolean). Options not given keep their value in ``base`` (default: ``Normalizer()``)."""
+        base = base or cls()
         if spec is None:
-            return cls()
+            return base
         if isinstance(spec, Normalizer):
             return spec
         if isinstance(spec, str):
@@ -91,6 +108,8 @@ class Normalizer:
                 value = value.strip()
                 if key == "unicode":
                     options[key] = None if value.lower() in ("", "none", "0", "false", "off") else value.upper()
+                elif key == "punctuation" and value.lower() in PUNCTUATION_MODES:
+                    options[key] = value.lower()
                 else:
                     if value.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
                         raise ValueError(f"bad normalization option {part!r}: expected {key}=true|false")
@@ -100,11 +119,12 @@ class Normalizer:
         if unknown:
             raise ValueError(f"unknown normalization options {sorted(unknown)}; "
                              "expected lowercase, punctuation, whitespace, unicode, digits")
-        return cls(**spec)
+        return cls(**{**base.to_dict(), **spec})
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("_table", None)
+        d.pop("_delete", None)
         return d
 
     # -- reference implementation (any text) -------------------------------------------------------------------
@@ -114,8 +134,10 @@ class Normalizer:
             text = unicodedata.normalize(self.unicode, text)
         if self.lowercase:
             text = text.lower()
-        if self.punctuation:
+        if self.punctuation == "space":
             text = _PUNCT.sub(" ", text)
+        elif self.punctuation == "delete":
+            text = _PUNCT_OR_UNDERSCORE.sub("", text)
         if self.digits:
             text = _DIGIT.sub("0", text)
         if self.whitespace:
@@ -130,7 +152,7 @@ class Normalizer:
         """UTF-8 of :meth:`normalize` up to whitespace: the same tokens, but runs of whitespace may be left as they
         are (a translate-table fast path for ASCII text). Exact hashing uses the token sequence."""
         if text.isascii():
-            return text.encode("ascii").translate(self._table)
+            return text.encode("ascii").translate(self._table, self._delete)
         return self.normalize(text).encode("utf-8")
 
 
@@ -247,32 +269,6 @@ def shingle_hashes(tok: np.ndarray, offsets: np.ndarray, n: int) -> tuple[np.nda
                 s_acc = s_acc * _SHINGLE_BASE + val
         out[sh_offsets[short]] = s_acc
     return fmix64(out ^ U64(n)), sh_offsets
-
-
-def sorted_unique_per_doc(h: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each document's hashes sorted and deduplicated (the exact shingle *set*), same layout."""
-    if len(h) == 0:
-        return h, offsets.copy()
-    doc = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-    order = np.lexsort((h, doc))
-    hs = h[order]
-    ds = doc[order]
-    keep = np.ones(len(hs), dtype=bool)
-    keep[1:] = (hs[1:] != hs[:-1]) | (ds[1:] != ds[:-1])
-    hs = hs[keep]
-    counts = np.bincount(ds[keep], minlength=len(offsets) - 1)
-    new_offsets = np.zeros(len(offsets), dtype=np.int64)
-    np.cumsum(counts, out=new_offsets[1:])
-    return hs, new_offsets
-
-
-def batch_shingles(texts: list[str], normalizer: Normalizer, n: int) -> tuple[list[bytes], np.ndarray, np.ndarray]:
-    """Normalize ``texts`` and return ``(normalized_bytes, shingle_sets, offsets)`` (sets sorted and unique)."""
-    docs = [normalizer.normalize_bytes(t) for t in texts]
-    tok, off = token_hashes(docs)
-    sh, soff = shingle_hashes(tok, off, n)
-    sets, soff = sorted_unique_per_doc(sh, soff)
-    return docs, sets, soff
 
 
 # -- slow reference versions (tests check the vectorized code against these) --------------------------------------

@@ -58,12 +58,14 @@ def read_records(
     batch_size: int = 1000,
     stats: list[ReadStats] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    keep_raw: bool = False,
 ) -> Iterator[list[Record]]:
     """Stream records from ``paths`` in batches of ``batch_size``.
 
     Bad rows are recorded in ``problems`` (file, row, reason) and skipped; with ``ProblemLog(on_error="fail")``
     the first bad row raises :class:`DataError`. ``stats`` (if given) receives one :class:`ReadStats` per file,
-    and ``on_progress(bytes)`` is called with the bytes consumed since the previous call.
+    and ``on_progress(bytes)`` is called with the bytes consumed since the previous call. ``keep_raw``: each
+    record's ``raw`` is the input row as read (for writers that pass rows through unchanged).
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [str(paths)]
@@ -120,7 +122,8 @@ def read_records(
                 file_stats.ignored_fields.update(normalized.ignored)
                 batch.append(Record(source=str(path_str), row=row_number, messages=normalized.messages,
                                     text=normalized.text, tools=normalized.tools,
-                                    template_kwargs=normalized.template_kwargs, extra=normalized.extra))
+                                    template_kwargs=normalized.template_kwargs, extra=normalized.extra,
+                                    raw=row if keep_raw else None))
                 if len(batch) >= batch_size:
                     yield batch
                     batch = []
