@@ -232,7 +232,7 @@ def _read_jsonl(path: Path, pos: _Position, opts: ReadOptions) -> Iterator[tuple
 # killed for memory on 100,000-deep nesting.
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
-_STRUCTURE = re.compile(r'["\[\]{}]')
+_BRACKET_RUN = re.compile(r"\[+|\]+|\{+|\}+")
 _STRING_TAIL = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _SCALAR = re.compile(r'[^,\]}\s]*')
 _BAD_BYTE = re.compile("[\udc80-\udcff]")  # bytes that are not UTF-8, decoded with surrogateescape
@@ -259,6 +259,8 @@ class _JsonText:
         self.buf = ""
         self.i = 0
         self.dropped = 0  # characters before the window
+        self.mark: int | None = None  # a window position whose line (and the line's start) is known, once asked for
+        self.mark_line = self.mark_line_start = 0
         self.eof = False
         self.dirty = False  # some bytes were not UTF-8
 
@@ -291,6 +293,9 @@ class _JsonText:
     def forget_consumed(self) -> None:
         """Drop text before the current position once enough has accumulated (indices shift)."""
         if self.i > _CHUNK:
+            if self.mark is not None:
+                self._move_mark(self.i)
+                self.mark -= self.i
             self.dropped += self.i
             self.buf = self.buf[self.i:]
             self.i = 0
@@ -307,7 +312,21 @@ class _JsonText:
                 return ""
 
     def where(self, position: int) -> str:
-        """'line L column C' of a position in the window (an error path: counts lines by reading the file again)."""
+        """'line L column C' of a position in the window. Lines are counted only once a message needs them: the first
+        time by reading the file again up to the position, then incrementally from the last position asked for."""
+        if self.mark is None or position < self.mark:
+            self._locate(position)
+        else:
+            self._move_mark(position)
+        return f"line {self.mark_line} column {self.dropped + position - self.mark_line_start + 1}"
+
+    def _move_mark(self, position: int) -> None:
+        if newlines := self.buf.count("\n", self.mark, position):
+            self.mark_line += newlines
+            self.mark_line_start = self.dropped + self.buf.rfind("\n", self.mark, position) + 1
+        self.mark = position
+
+    def _locate(self, position: int) -> None:
         offset = self.dropped + position
         stream, raw = _open_binary(self.path)
         decode = codecs.getincrementaldecoder("utf-8")("surrogateescape").decode
@@ -315,11 +334,11 @@ class _JsonText:
         with stream, raw:
             while seen < offset and (text := decode(stream.read(_CHUNK), final=False)):
                 part = text[:offset - seen]
-                if (newlines := part.count("\n")):
+                if newlines := part.count("\n"):
                     line += newlines
                     line_start = seen + part.rfind("\n") + 1
                 seen += len(text)
-        return f"line {line} column {offset - line_start + 1}"
+        self.mark, self.mark_line, self.mark_line_start = position, line, line_start
 
     def parse(self, cap: int | None) -> tuple[Any, int] | None:
         """Parse the value at the current position: ``(value, end)``, or None when it runs past ``cap`` characters
@@ -350,28 +369,36 @@ class _JsonText:
             return m.end()  # type: ignore[union-attr]
         depth, at, size = 0, start, _CHUNK
         while True:
-            m = _STRUCTURE.search(self.buf, at)
-            if m is None:
+            # Brackets between two strings are counted in bulk; a stretch with enough closing brackets to end the
+            # value is walked run of brackets by run.
+            buf = self.buf
+            quote = buf.find('"', at)
+            end = quote if quote >= 0 else len(buf)
+            closes = buf.count("]", at, end) + buf.count("}", at, end)
+            if closes and closes >= depth:
+                for run in _BRACKET_RUN.finditer(buf, at, end):
+                    length = run.end() - run.start()
+                    if buf[run.start()] in "[{":
+                        depth += length
+                    elif depth <= length:
+                        return run.start() + depth
+                    else:
+                        depth -= length
+            else:
+                depth += buf.count("[", at, end) + buf.count("{", at, end) - closes
+            if quote < 0:
                 at = len(self.buf)
                 if not self.fill(size):
                     raise _Broken(f"the value at {self.where(start)} never ends", start)
                 size *= 2
                 continue
-            at = m.end()
-            if m.group() == '"':
-                while (tail := _STRING_TAIL.match(self.buf, at)) is None:
-                    if not self.fill(size):
-                        raise _Broken(f"the string at {self.where(at - 1)} never ends", at - 1)
-                    size *= 2
-                at = tail.end()
-                if depth == 0:
-                    return at
-            elif m.group() in "[{":
-                depth += 1
-            else:
-                depth -= 1
-                if depth == 0:
-                    return at
+            while (tail := _STRING_TAIL.match(self.buf, quote + 1)) is None:
+                if not self.fill(size):
+                    raise _Broken(f"the string at {self.where(quote)} never ends", quote)
+                size *= 2
+            at = tail.end()
+            if depth == 0:
+                return at
 
     def row(self, cap: int) -> Any:
         """The row at the current position, or a RowError for a row that cannot be used; moves past it."""
@@ -505,34 +532,33 @@ def _check_end(doc: _JsonText) -> None:
 def _read_json_object(doc: _JsonText, path: Path, pos: _Position, opts: ReadOptions) -> Iterator[tuple[int, Any]]:
     cap = opts.max_row_bytes
     start = doc.i
+    keyed = _ROWS_KEY.match(doc.buf, start)  # {"data": [{...}, ...], ...}: rows streamed one by one
+    if keyed is not None and detect_format({json.loads(keyed.group(1)): None}, opts.columns) is None:
+        doc.i = keyed.start(2)
+        yield from doc.items(cap)
+        yield from _rest_of_keyed_object(doc, path, json.loads(keyed.group(1)))
+        return
     try:
         parsed = doc.parse(cap)
-        error = None
-    except (ValueError, RecursionError) as e:  # maybe in one row of {"key": [rows]}: streamed below, row by row
-        parsed, error = None, e
-    if parsed is not None:
-        value, doc.i = parsed
-        if doc.peek():  # more values follow: JSON Lines under a .json name
-            doc.close()
-            yield from _read_jsonl(path, pos, opts)
-            return
-        yield from _document_rows(value, path, opts, whole=False)
+    except (ValueError, RecursionError) as e:
+        yield 1, _parse_error(e)
         return
-    # Larger than one row can be: stream {"key": [rows], ...} when the first value is an array of objects.
-    keyed = _ROWS_KEY.match(doc.buf, start)
-    if keyed is None or detect_format({json.loads(keyed.group(1)): None}, opts.columns) is not None:
-        if error is not None:
-            yield 1, _parse_error(error)
-            return
-        value, doc.i = doc.parse(None)  # type: ignore[misc]  # another layout: it can only be read whole
+    if parsed is None:  # larger than one row: a layout that can only be read whole (id-keyed, column-oriented)
+        value, doc.i = doc.parse(None)  # type: ignore[misc]
         _check_end(doc)
         yield from _document_rows(value, path, opts, whole=True)
         return
-    doc.i = keyed.start(2)
-    count = 0
-    for count, row in doc.items(cap):
-        yield count, row
-    while doc.peek() == ",":  # the object's other keys are metadata unless they hold rows too
+    value, doc.i = parsed
+    if doc.peek():  # more values follow: JSON Lines under a .json name
+        doc.close()
+        yield from _read_jsonl(path, pos, opts)
+        return
+    yield from _document_rows(value, path, opts, whole=False)
+
+
+def _rest_of_keyed_object(doc: _JsonText, path: Path, rows_key: str) -> Iterator[tuple[int, Any]]:
+    """After the streamed rows: the object's other keys are metadata, unless they hold rows too."""
+    while doc.peek() == ",":
         doc.i += 1
         doc.peek()
         key, doc.i = doc.parse(None)  # type: ignore[misc]
@@ -542,15 +568,19 @@ def _read_json_object(doc: _JsonText, path: Path, pos: _Position, opts: ReadOpti
         doc.peek()
         value, doc.i = doc.parse(None)  # type: ignore[misc]
         if isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
-            raise DataError(f"{path}: holds several arrays of rows ({json.loads(keyed.group(1))!r}, {key!r}); "
-                            "write one file per split")
+            raise DataError(f"{path}: holds several arrays of rows ({rows_key!r}, {key!r}); write one file per split")
     if doc.peek() != "}":
         raise _Broken(f"expected ',' or '}}' at {doc.where(doc.i)}", doc.i)
     doc.i += 1
     _check_end(doc)
+    yield from ()
 
 
 # -- CSV ------------------------------------------------------------------------------------------------------------
+
+
+_LONE_CR = re.compile(r"\r(?!\n)")
+_AFTER_LONE_CR = re.compile(r"(?<=\r)(?!\n)")
 
 
 class _CsvLines:
@@ -599,8 +629,8 @@ class _CsvLines:
                 text = data.decode("utf-8", "surrogateescape")  # keeps the structure; the record is refused
         self.first = False
         self.pos.done = self.tell()
-        if "\r" in text.rstrip("\r\n"):  # lines ended by a lone CR, as csv's universal newlines reads them
-            lines = re.split(r"(?<=\r)(?!\n)", text)
+        if "\r" in text and _LONE_CR.search(text):  # lines ended by a lone CR, as csv's universal newlines reads them
+            lines = [line for line in _AFTER_LONE_CR.split(text) if line]
             self.pending = lines[:0:-1]
             return lines[0]
         return text
