@@ -426,10 +426,10 @@ class _JsonText:
             return _json_problem(value) or value
         return value
 
-    def items(self, cap: int, first_row: int = 1) -> Iterator[tuple[int, Any]]:
+    def items(self, cap: int) -> Iterator[tuple[int, Any]]:
         """Rows of the array at the current position (which holds '['), then the position after its ']'."""
         self.i += 1
-        index = first_row - 1
+        index = 0
         if self.peek() == "]":
             self.i += 1
             return
@@ -536,27 +536,23 @@ def _read_json_object(doc: _JsonText, path: Path, pos: _Position, opts: ReadOpti
     if keyed is not None and detect_format({json.loads(keyed.group(1)): None}, opts.columns) is None:
         doc.i = keyed.start(2)
         yield from doc.items(cap)
-        yield from _rest_of_keyed_object(doc, path, json.loads(keyed.group(1)))
+        _finish_keyed_object(doc, path, json.loads(keyed.group(1)))
         return
     try:
         parsed = doc.parse(cap)
     except (ValueError, RecursionError) as e:
         yield 1, _parse_error(e)
         return
-    if parsed is None:  # larger than one row: a layout that can only be read whole (id-keyed, column-oriented)
-        value, doc.i = doc.parse(None)  # type: ignore[misc]
-        _check_end(doc)
-        yield from _document_rows(value, path, opts, whole=True)
-        return
-    value, doc.i = parsed
+    whole = parsed is None  # larger than one row: a layout that can only be read whole (id-keyed, column-oriented)
+    value, doc.i = doc.parse(None) if whole else parsed  # type: ignore[misc]
     if doc.peek():  # more values follow: JSON Lines under a .json name
         doc.close()
         yield from _read_jsonl(path, pos, opts)
         return
-    yield from _document_rows(value, path, opts, whole=False)
+    yield from _document_rows(value, path, opts, whole=whole)
 
 
-def _rest_of_keyed_object(doc: _JsonText, path: Path, rows_key: str) -> Iterator[tuple[int, Any]]:
+def _finish_keyed_object(doc: _JsonText, path: Path, rows_key: str) -> None:
     """After the streamed rows: the object's other keys are metadata, unless they hold rows too."""
     while doc.peek() == ",":
         doc.i += 1
@@ -573,7 +569,6 @@ def _rest_of_keyed_object(doc: _JsonText, path: Path, rows_key: str) -> Iterator
         raise _Broken(f"expected ',' or '}}' at {doc.where(doc.i)}", doc.i)
     doc.i += 1
     _check_end(doc)
-    yield from ()
 
 
 # -- CSV ------------------------------------------------------------------------------------------------------------
