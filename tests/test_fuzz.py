@@ -28,7 +28,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -393,7 +392,7 @@ def test_build_of_fuzzed_inputs_reports_every_bad_row_and_matches_a_clean_build(
     files = make_fuzz_inputs(inputs, FUZZ_ROWS, FUZZ_SEED)
     text = "".join(some_text(random.Random(FUZZ_SEED), ADVERSARIAL, nonblank=True) + "\n" for _ in range(50))
     (inputs / "z.txt").write_text(text)
-    options = dict(template="chatml", tokenizer=str(TINY_TOKENIZER))
+    options = {"template": "chatml", "tokenizer": str(TINY_TOKENIZER)}
     fuzzed = build([str(inputs)], output=tmp_path / "fuzzed", **options)
 
     counts = fuzzed.manifest["counts"]

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from sftdata.ingest import InputSource, read_records, resolve_inputs
 from sftdata.ingest import readers
 from sftdata.ingest.readers import MAX_NESTING, parse_json_row
-from sftdata.record import DataError, Message, ProblemLog
+from sftdata.record import DataError, ProblemLog
 
 from conftest import TINY_TOKENIZER
 
@@ -184,7 +184,7 @@ def test_csv_with_lone_carriage_returns_and_a_broken_header(tmp_path):
     header = tmp_path / "header.csv"
     header.write_bytes(b"instr\xffuction,output\nq1,a1\n")
     records, problems, stats = read_all([str(header)])
-    assert records == [] and found(problems) == [
+    assert records == [] and stats[0].rows == 1 and found(problems) == [
         ("header.csv", 1, "bad-csv-header", "invalid UTF-8 in the record; the file cannot be read without a header")]
 
 
@@ -361,6 +361,7 @@ def test_a_directory_of_files_is_read_file_by_file_and_a_saved_dataset_stays_one
                        InputSource(str(data / "sub" / "c.csv.gz"), "file", str(data)),
                        InputSource(str(saved), "dataset", str(saved))]
     records, problems, stats = read_all([str(data), str(saved)])
+    assert problems.total == 0
     assert [(os.path.relpath(r.source, tmp_path), r.row, r.messages[0].content) for r in records] == [
         ("data/a.jsonl", 1, "q1"), ("data/b.jsonl", 1, "q2"), ("data/sub/c.csv.gz", 2, "q3"), ("saved", 1, "q4"),
         ("saved", 2, "q5")]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -748,8 +747,7 @@ def _read_hub_dataset(spec: str, pos: _Position, opts: ReadOptions) -> Iterator[
     name_revision, _, split = spec.partition(":")
     name, _, revision = name_revision.partition("@")
     ds = datasets.load_dataset(name, revision=revision or None, split=split or "train", streaming=True)
-    for i, row in enumerate(ds, start=1):
-        yield i, row
+    yield from enumerate(ds, start=1)
 
 
 # -- raw text -------------------------------------------------------------------------------------------------------
@@ -818,9 +816,7 @@ def _read_text(path: Path, pos: _Position, opts: ReadOptions) -> Iterator[tuple[
 
 def reader_for(path: Path) -> Reader:
     """The reader for a file, by its name (``.gz`` allowed); DataError for an unsupported type."""
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        name = name[:-3]
+    name = path.name.lower().removesuffix(".gz")
     for suffix, reader in ((".jsonl", _read_jsonl), (".ndjson", _read_jsonl), (".json", _read_json),
                            (".csv", _read_csv), (".parquet", _read_parquet), (".txt", _read_text)):
         if name.endswith(suffix):
