@@ -232,6 +232,9 @@ def test_format_is_detected_over_a_sample_and_each_row_that_does_not_fit_is_rede
     ]
     assert stats[0].format == "alpaca"
     assert dict(stats[0].formats) == {"alpaca": 2, "messages": 1, "text": 1, "sharegpt": 1}
+    first_batch_stats = []  # the format is known once the first batch is out (build reads one batch to learn it)
+    next(read_records([str(path)], batch_size=1, stats=first_batch_stats))
+    assert first_batch_stats[0].format == "alpaca"
 
 
 def test_a_file_of_no_known_format_stops_with_its_fields_and_a_forced_format_is_not_redetected(tmp_path):

@@ -238,6 +238,7 @@ def read_records(
                     "pass --format, or --columns to map them (e.g. --columns instruction=question,output=answer)"
                 )
             rows = chain(sample, rows)
+        file_stats.format = fmt  # known from here on (build reads one batch to learn an input's format)
         forced = options.format is not None
         file_key, mapped_key = marking_fields(fmt, options.columns) if fmt is not None else ("", "")
         reported = batch_start = 0
@@ -272,7 +273,8 @@ def read_records(
                 yield batch
                 batch = []
                 batch_start = pos.done
-        file_stats.format = fmt or next(iter(file_stats.formats.most_common(1)), (None,))[0]
+        if fmt is None:  # no sampled row had a known format; name the one most rows turned out to have
+            file_stats.format = next(iter(file_stats.formats.most_common(1)), (None,))[0]
         file_stats.bytes = input_size(path_str)
         if on_progress is not None and file_stats.bytes > reported:
             on_progress(file_stats.bytes - reported)
