@@ -17,20 +17,22 @@ from sftdata import __version__
 from sftdata.ingest import ReadStats, input_size, parse_columns, read_records, resolve_inputs
 from sftdata.record import DataError, ProblemLog, Record
 from sftdata.render import EncodeOptions, Encoded, Encoder, truncate
-from sftdata.policy import expand_for_history_policy, plan_history_policy
+from sftdata.policy import plan_history_policy
 from sftdata.templates import load_template
 from sftdata.verify import preflight
 from sftdata.tokenizer import load_tokenizer, tokenizer_identity
 from sftdata.write import (
     FORMAT,
     LABELS_NOTE,
+    OutputClaim,
     SplitWriter,
-    commit_dir,
+    check_output_files,
+    check_output_paths,
     file_sha256,
     fingerprint,
     is_sftdata_output,
+    output_files,
     read_manifest,
-    staging_dir,
     write_manifest,
 )
 
@@ -99,6 +101,7 @@ def _columns(examples: list[Encoded]) -> dict[str, list[Any]]:
         "num_tokens": [len(e.input_ids) for e in examples],
         "num_trained": [e.num_trained for e in examples],
         "truncated": [e.truncated for e in examples],
+        "kinds": [e.kinds for e in examples],
     }
 
 
@@ -126,6 +129,10 @@ def build(
     decontaminate_options: dict[str, Any] | None = None,
     report: str | Path | None = None,
     history_policy: str = "auto",
+    tokenization: str = "auto",
+    template_kwargs: dict[str, Any] | None = None,
+    template_date: str | None = None,
+    system_prompt: str | None = None,
     allow_unverified: bool = False,
     batch_size: int = 1000,
     workers: int = 1,
@@ -135,12 +142,14 @@ def build(
 ) -> BuildResult:
     """Build training-ready token data from ``inputs`` into ``output`` (Parquet + ``manifest.json``).
 
-    Every row either becomes an example whose labels satisfy the guide's invariants I1–I5 or is counted in the
-    manifest with its reason (``--on-error skip``), or stops the build (``on_error="fail"``). When ``output``
-    already holds a build with the same fingerprint (input bytes, template, tokenizer, options) nothing is redone
-    unless ``force``. ``history_policy`` (auto/split/last/fail) handles templates that render earlier turns
-    differently from the final one (Qwen3 thinking); ``allow_unverified`` builds even when the template/tokenizer
-    pair fails the preflight invariant checks. ``workers``: encoder processes (1 = in-process; on a 2-core machine a pool measured slower, see bench/).
+    Every row either becomes an example whose labels satisfy the invariants I1–I5 (docs/invariants.md) or is counted
+    in the manifest with its reason (``--on-error skip``), or stops the build (``on_error="fail"``). When ``output``
+    already holds a build with the same fingerprint (input bytes, template, tokenizer, options, sftdata version) and
+    every file it records is intact, nothing is redone unless ``force`` (``report`` is still written). The output is
+    locked for the build, replaced as a whole, and never holds files sftdata did not write (O1–O6).
+    ``history_policy`` (auto/split/last/fail) handles templates that render earlier turns differently from the final
+    one (Qwen3 thinking); ``allow_unverified`` builds even when the template/tokenizer pair fails the preflight
+    invariant checks. ``workers``: encoder processes (1 = in-process; on a 2-core machine a pool measured slower, see bench/).
     """
     started = time.perf_counter()
     inputs = [inputs] if isinstance(inputs, (str, Path)) else [str(p) for p in inputs]
@@ -154,54 +163,75 @@ def build(
         raise DataError(f"--eval-fraction must be in [0, 1), not {eval_fraction}")
     inputs = [source.path for source in resolve_inputs(inputs)]  # checked and expanded before any tokenizer loads
     output = Path(output)
-    column_map = parse_columns(columns)
-    encode_options = EncodeOptions(train_turns=train_turns, train_on_prompt=train_on_prompt, special_text=special_text)
-
-    tok = load_tokenizer(tokenizer, template=template)
-    tpl = load_template(template, tok)
-    history = plan_history_policy(tpl, history_policy, train_turns)
-    encode_options.train_turns = history.train_turns
-    encoder = Encoder(tpl, tok, encode_options)
-    # Verify the template/tokenizer pair once, before reading any data (GUIDE I1-I4 on a built-in suite).
-    verified = preflight(encoder, history_policy=history_policy)
-    if not verified.invariant_ok and not allow_unverified:
-        raise DataError(f"template {tpl.name!r} with tokenizer {getattr(tok, 'sftdata_name', tok.name_or_path)!r} fails "
-                        f"the invariant checks (pass --allow-unverified to build anyway):\n{verified.format_text()}")
-    warnings: list[str] = []
-    if verified.differs_from_tokenizer:
-        warnings.append(f"template {tpl.name!r} differs from the tokenizer's own chat_template; the trainer saves "
-                        "this training template with the adapter, so serve with it")
-    if not verified.invariant_ok:
-        warnings.append("built with --allow-unverified although the invariant checks failed")
-    tok_identity = tokenizer_identity(tok)
-    # What load_tokenizer() takes to get the same tokenizer back (show, train).
-    tok_identity["load"] = (str(Path(tokenizer).resolve()) if tokenizer and Path(tokenizer).exists()
-                            else tokenizer or tok.sftdata_name.split(" ")[0])
-
-    input_hashes = {p: (file_sha256(p) if Path(p).is_file() else _dir_hash(Path(p))) for p in inputs}
-    options = {
-        "format": format, "columns": column_map, "strip": strip, "max_length": max_length, "truncation": truncation,
-        "train_turns": train_turns, "train_on_prompt": train_on_prompt, "special_text": special_text,
-        "on_error": on_error, "pack": pack, "history_policy": history_policy, "allow_unverified": allow_unverified, "eval_fraction": eval_fraction, "seed": seed,
-        "dedup": dedup, "dedup_options": dedup_options or {}, "decontaminate": [file_sha256(p) for p in decontaminate],
-        "decontaminate_options": decontaminate_options or {},
-    }
-    key = fingerprint([FORMAT, input_hashes, tpl.sha256, tok_identity["sha256"], options])
-    if not force and is_sftdata_output(output):
-        existing = read_manifest(output)
-        if existing.get("fingerprint") == key:
-            return BuildResult(output, existing, up_to_date=True)
-
-    data_started = time.perf_counter()  # setup (tokenizer load, template preflight, input hashes) ends here
-    problems = ProblemLog(on_error=on_error)
-    removed: Counter[str] = Counter()
-    stats: list[ReadStats] = []
-    per_source: dict[str, Counter[str]] = defaultdict(Counter)
-    kept = truncated = 0
-    total_bytes = sum(input_size(p) for p in inputs)
-    # The staging dir is only the in-progress output: any failure removes it and leaves `output` as it was.
-    tmp = staging_dir(output)
+    check_output_paths(output, inputs=[*inputs, *decontaminate], report=report)
+    # Held to the end: a second build of this output fails naming this one; puts back an output a killed build
+    # left moved aside; refuses an output holding files sftdata did not write.
+    claim = OutputClaim(output).acquire()
+    tmp = None
     try:
+        column_map = parse_columns(columns)
+        encode_options = EncodeOptions(train_turns=train_turns, train_on_prompt=train_on_prompt, special_text=special_text,
+                                       history_policy=history_policy, tokenization=tokenization,
+                                       template_kwargs=dict(template_kwargs or {}))
+
+        tok = load_tokenizer(tokenizer, template=template)
+        tpl = load_template(template, tok)
+        if "strftime_now" in tpl.source:
+            # a template that prints today's date renders the build's date, recorded, so a replay renders the same text
+            encode_options.template_date = template_date or time.strftime("%Y-%m-%d", time.gmtime())
+        encoder = Encoder(tpl, tok, encode_options)
+        history = plan_history_policy(encoder)
+        # Verify the template/tokenizer pair once, before reading any data (I1-I4 of docs/invariants.md on a built-in suite).
+        verified = preflight(encoder)
+        if not verified.invariant_ok and not allow_unverified:
+            raise DataError(f"template {tpl.name!r} with tokenizer {getattr(tok, 'sftdata_name', tok.name_or_path)!r} fails "
+                            f"the invariant checks (pass --allow-unverified to build anyway):\n{verified.format_text()}")
+        warnings: list[str] = []
+        if verified.differs_from_tokenizer:
+            warnings.append(f"template {tpl.name!r} differs from the tokenizer's own chat_template; the trainer saves "
+                            "this training template with the adapter, so serve with it")
+        if not verified.invariant_ok:
+            warnings.append("built with --allow-unverified although the invariant checks failed")
+        tok_identity = tokenizer_identity(tok)
+        # What load_tokenizer() takes to get the same tokenizer back (show, train).
+        tok_identity["load"] = (str(Path(tokenizer).resolve()) if tokenizer and Path(tokenizer).exists()
+                                else tokenizer or tok.sftdata_name.split(" ")[0])
+
+        input_hashes = {p: (file_sha256(p) if Path(p).is_file() else _dir_hash(Path(p))) for p in inputs}
+        options = {
+            "format": format, "columns": column_map, "strip": strip, "max_length": max_length, "truncation": truncation,
+            "train_turns": train_turns, "train_on_prompt": train_on_prompt, "special_text": special_text,
+            "on_error": on_error, "pack": pack, "history_policy": history_policy, "tokenization": tokenization,
+            "template_kwargs": encode_options.template_kwargs, "template_date": encode_options.template_date,
+            "system_prompt": system_prompt, "allow_unverified": allow_unverified, "eval_fraction": eval_fraction,
+            "seed": seed,
+            "dedup": dedup, "dedup_options": dedup_options or {}, "decontaminate": [file_sha256(p) for p in decontaminate],
+            "decontaminate_options": decontaminate_options or {},
+        }
+        key = fingerprint([FORMAT, __version__, input_hashes, tpl.sha256, tok_identity["sha256"], options])
+        if not force and is_sftdata_output(output):
+            existing = read_manifest(output)
+            # Up to date only when every file the manifest records is there with its size and sha256.
+            if existing.get("fingerprint") == key and not check_output_files(output, existing):
+                if report is not None:
+                    shutil.copyfile(output / "removed.jsonl", report)
+                return BuildResult(output, existing, up_to_date=True)
+
+        data_started = time.perf_counter()  # setup (tokenizer load, template preflight, input hashes) ends here
+        problems = ProblemLog(on_error=on_error)
+        removed: Counter[str] = Counter()
+        stats: list[ReadStats] = []
+        per_source: dict[str, Counter[str]] = defaultdict(Counter)
+        example_counts: Counter[str] = Counter()
+        end_ids: Counter[int] = Counter()
+        kept = truncated = 0
+        read_options = dict(format=format, columns=column_map, strip=strip, system_prompt=system_prompt,
+                            template_variables=tpl.variables, batch_size=batch_size)
+        lost_to_truncation: Counter[str] = Counter()
+        assistant_turns: Counter[int] = Counter()  # per conversation that reaches the encoder (after cleaning)
+        total_bytes = sum(input_size(p) for p in inputs)
+        # The staging dir is only the in-progress output: any failure removes it and leaves `output` as it was.
+        tmp = claim.stage()
         # Raw-text corpora are packed as fixed blocks (the continued-pretraining convention): long documents are cut
         # across blocks, never truncated.
         raw_text_blocks = pack and all(_input_format(p, format, column_map) == "text" for p in inputs)
@@ -216,22 +246,21 @@ def build(
             deduplicator = cleaners.get("dedup")
             if deduplicator is not None:  # pass 1: sketch everything, then cluster
                 bar.phase("dedup: sketching", total_bytes)
-                for batch in read_records(inputs, format=format, columns=column_map, strip=strip, problems=ProblemLog(),
-                                          batch_size=batch_size, on_progress=bar.advance):
+                for batch in read_records(inputs, problems=ProblemLog(), on_progress=bar.advance, **read_options):
                     deduplicator.add_batch(batch)
                     bar.rows(len(batch))
                 deduplicator.finalize()
                 bar.phase("build", total_bytes)
             def cleaned_batches():
-                for batch in read_records(inputs, format=format, columns=column_map, strip=strip, problems=problems,
-                                          batch_size=batch_size, on_progress=bar.advance, stats=stats):
+                for batch in read_records(inputs, problems=problems, on_progress=bar.advance, stats=stats, **read_options):
                     bar.rows(len(batch))
                     for stage in cleaners.values():
                         batch, removals = stage.filter_batch(batch)
                         for removal in removals:
                             removed[removal.reason] += 1
                             removed_file.write(json.dumps(removal.to_dict(), ensure_ascii=False) + "\n")
-                    yield expand_for_history_policy(batch, tpl, history.applied)
+                    assistant_turns.update(sum(m.role == "assistant" for m in r.messages) for r in batch if r.is_chat)
+                    yield batch
 
             n_workers = max(1, workers)
             for examples, batch_problems in encode_batches(cleaned_batches(), encoder, workers=n_workers,
@@ -247,6 +276,8 @@ def build(
                         if cut is None:
                             _too_long(problems, example, max_length, "truncation would leave no trained token")
                             continue
+                        lost_to_truncation["tokens"] += len(example.input_ids) - len(cut.input_ids)
+                        lost_to_truncation["trained"] += example.num_trained - cut.num_trained
                         example = cut
                         truncated += 1
                     split = assign_split(input_hashes[example.source], example.row, eval_fraction, seed)
@@ -255,6 +286,9 @@ def build(
                     source_stats["rows"] += 1
                     source_stats["tokens"] += len(example.input_ids)
                     source_stats["trained"] += example.num_trained
+                    example_counts.update(example.counts)
+                    if not example.is_text:
+                        end_ids.update(example.input_ids[e - 1] for _, e in example.spans if not example.truncated or e < max_length)
                     kept += 1
                 for split, split_examples in outputs.items():
                     writers[split].write_rows(_columns(split_examples))
@@ -284,9 +318,12 @@ def build(
             "labels": LABELS_NOTE,
             "fingerprint": key,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "inputs": [{"path": s.path, "sha256": input_hashes[s.path], "format": s.format, "rows": s.rows} for s in stats],
+            "inputs": [{"path": s.path, "sha256": input_hashes[s.path], "format": s.format, "rows": s.rows,
+                        "ignored_fields": dict(s.ignored_fields.most_common())} for s in stats],
             "template": {"name": tpl.name, "origin": tpl.origin, "text": tpl.source, "sha256": tpl.sha256,
-                         "end_of_turn": tpl.end_of_turn},
+                         "end_of_turn": encoder.end_of_turn, "variables": sorted(tpl.variables),
+                         "end_of_turn_ids": [i for i, _ in end_ids.most_common()],
+                         "end_of_turn_tokens": {tok.convert_ids_to_tokens(i): n for i, n in end_ids.most_common()}},
             "tokenizer": tok_identity,
             "options": options,
             "counts": {
@@ -296,9 +333,13 @@ def build(
                 "skipped_total": problems.total,
                 "removed": dict(sorted(removed.items())),
                 "truncated": truncated,
+                **{k: example_counts[k] for k in sorted(example_counts)},
             },
             "tokens": {"total": total_tokens, "trained": trained_tokens,
-                       "per_source": {k: dict(v) for k, v in per_source.items()}},
+                       "per_source": {k: dict(v) for k, v in per_source.items()},
+                       "lost_to_truncation": {"tokens": lost_to_truncation["tokens"],
+                                              "trained": lost_to_truncation["trained"]}},
+            "conversations": {"assistant_turns": {str(k): v for k, v in sorted(assistant_turns.items())}},
             "splits": splits,
             "packing": packing,
             "cleaning": {name: stage.summary() for name, stage in cleaners.items()},
@@ -309,11 +350,17 @@ def build(
             "seconds": round(time.perf_counter() - started, 3),
             "seconds_setup": round(data_started - started, 3),
         }
+        manifest["files"] = output_files(tmp)
         write_manifest(tmp, manifest)
-        commit_dir(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        claim.commit(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and (message := claim.describe_error(e, report=report)) is not None:
+            raise DataError(message) from None
         raise
+    finally:
+        claim.release()
     return BuildResult(output, manifest)
 
 

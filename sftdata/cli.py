@@ -48,7 +48,9 @@ def main() -> None:
 @click.option("--tokenizer", default=None,
               help="Local tokenizer directory or hub id. Default: the bundled qwen3 tokenizer "
                    "(mistral-7b-v0.1 for --template llama2/alpaca).")
-@click.option("--output", "-o", default="sftdata-out", show_default=True, help="Output directory (replaced atomically).")
+@click.option("--output", "-o", default="sftdata-out", show_default=True,
+              help="Output directory, replaced as a whole when the build succeeds; a build refuses one that holds "
+                   "files sftdata did not write, and two builds of one output cannot run at once.")
 @click.option("--format", "fmt", type=click.Choice(["alpaca", "messages", "sharegpt", "prompt-completion", "text"]),
               default=None, help="Force the row format instead of detecting it (per file over its first rows, and per "
                                  "row where a file mixes formats).")
@@ -77,9 +79,16 @@ def main() -> None:
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
               help="Write the rows removed by --dedup/--decontaminate (with what they matched) to this JSONL file.")
 @click.option("--history-policy", type=click.Choice(["auto", "split", "last", "fail"]), default="auto", show_default=True,
-              help="Templates that render earlier assistant turns differently from the final one (Qwen3 thinking): "
-                   "split each conversation into one example per turn (auto does this when needed), train only "
-                   "the last turn, or skip such rows.")
+              help="An assistant turn that the template renders differently in history than as the final turn "
+                   "(Qwen3 thinking, gpt-oss, reasoning dropped from history): give it its own example, as served "
+                   "(auto, split), leave it as context (last), or skip the row (fail).")
+@click.option("--tokenization", type=click.Choice(["auto", "context"]), default="auto", show_default=True,
+              help="A turn whose serving prompt's last token merges with the reply in context: train it as "
+                   "tok(prompt) + tok(reply), the sequence a server feeds (auto), or skip the row (context).")
+@click.option("--template-kwargs", default=None, metavar="JSON",
+              help='Template variables for every row, e.g. \'{"enable_thinking": false}\' (a row\'s own '
+                   "chat_template_kwargs or a field named like a template variable overrides them).")
+@click.option("--system-prompt", default=None, metavar="TEXT", help="Add this system message to rows that have none.")
 @click.option("--allow-unverified", is_flag=True,
               help="Build even when the template/tokenizer pair fails the preflight invariant checks.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
@@ -89,7 +98,7 @@ def main() -> None:
 @reports_errors
 def build_command(inputs, template, tokenizer, output, fmt, columns, strip, max_length, truncation, train_turns,
                   train_on_prompt, special_text, on_error, pack, eval_fraction, seed, dedup, decontaminate, report,
-                  history_policy, allow_unverified, workers, force, quiet):
+                  history_policy, tokenization, template_kwargs, system_prompt, allow_unverified, workers, force, quiet):
     """Render and tokenize INPUTS into training-ready Parquet with exact -100 label masks.
 
     INPUTS are .jsonl/.json/.csv/.parquet/.txt files (optionally .gz), directories of such files (read file by
@@ -106,17 +115,36 @@ def build_command(inputs, template, tokenizer, output, fmt, columns, strip, max_
                    strip=strip, max_length=max_length, truncation=truncation, train_turns=train_turns,
                    train_on_prompt=train_on_prompt, special_text=special_text, on_error=on_error, pack=pack,
                    eval_fraction=eval_fraction, seed=seed, dedup=dedup, decontaminate=list(decontaminate),
-                   report=report, history_policy=history_policy,
+                   report=report, history_policy=history_policy, tokenization=tokenization,
+                   template_kwargs=parse_template_kwargs(template_kwargs), system_prompt=system_prompt,
                    allow_unverified=allow_unverified, workers=workers, force=force, progress=not quiet, console=console)
     manifest = result.manifest
     for warning in manifest.get("warnings", []):
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     if result.up_to_date:
-        console.print(f"{escape(str(result.output))} is up to date (same inputs, template, tokenizer and options); --force rebuilds")
+        console.print(f"{escape(str(result.output))} is up to date (same inputs, template, tokenizer, options and "
+                      "sftdata version; every file as written); --force rebuilds")
+        if report:
+            console.print(f"wrote {escape(report)} (the rows removed in that build, from its removed.jsonl)")
     elif not quiet:
         print_summary(manifest, str(result.output))
     if manifest["counts"]["rows_kept"] == 0:
         fail("no example was kept; see the reasons above and problems.jsonl")
+
+
+def parse_template_kwargs(text: str | None) -> dict:
+    """``--template-kwargs`` as a dict; a one-line error for anything but a JSON object."""
+    if not text:
+        return {}
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise DataError(f"--template-kwargs is not valid JSON ({e}); e.g. '{{\"enable_thinking\": false}}'") from None
+    if not isinstance(value, dict):
+        raise DataError("--template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'")
+    return value
 
 
 def print_summary(manifest: dict, output: str) -> None:
@@ -135,7 +163,23 @@ def print_summary(manifest: dict, output: str) -> None:
         table.add_row(f"  skipped: {kind}", f"[red]{n:,}[/]")
     for reason, n in counts["removed"].items():
         table.add_row(f"  removed: {reason}", f"[yellow]{n:,}[/]")
-    table.add_row("truncated", f"{counts['truncated']:,}")
+    lost = tokens.get("lost_to_truncation") or {}
+    cut_off = f" ({lost['tokens']:,} tokens cut off, {lost['trained']:,} of them trained)" if lost.get("tokens") else ""
+    table.add_row("truncated", f"{counts['truncated']:,}{cut_off}")
+    for key, label in (("examples_split", "turns split into their own example (history policy)"),
+                       ("turns_composed", "turns trained after the served prompt (composed)"),
+                       ("turns_untrained_history", "turns left as context (history policy last)"),
+                       ("tokenized_apart", "turns tokenized as tok(prompt) + tok(reply)"),
+                       ("turns_trained_tool_call", "trained turns with tool calls"),
+                       ("turns_trained_reasoning", "trained turns with reasoning")):
+        if counts.get(key):
+            table.add_row(f"  {label}", f"{counts[key]:,}")
+    ignored = {}
+    for entry in manifest.get("inputs", []):
+        for name, n in (entry.get("ignored_fields") or {}).items():
+            ignored[name] = ignored.get(name, 0) + n
+    if ignored:
+        table.add_row("ignored input fields", ", ".join(f"{k} ({v:,})" for k, v in sorted(ignored.items(), key=lambda kv: -kv[1])[:6]))
     share = tokens["trained"] / tokens["total"] if tokens["total"] else 0
     table.add_row("tokens", f"{tokens['total']:,}")
     table.add_row("trained tokens", f"{tokens['trained']:,} ({share:.1%})")
@@ -161,20 +205,27 @@ def print_summary(manifest: dict, output: str) -> None:
 
 
 @main.command("show")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False))
-@click.option("--row", "-r", type=click.IntRange(min=0), default=0, show_default=True, help="First row to show.")
+@click.argument("directory", default="sftdata-out", type=click.Path(file_okay=False))
+@click.option("--row", "-r", type=click.IntRange(min=0), default=0, show_default=True,
+              help="First row to show (with --where/--source/--truncated: the first matching row to show).")
 @click.option("--count", "-n", type=click.IntRange(min=1), default=1, show_default=True, help="How many rows.")
 @click.option("--split", default="train", show_default=True)
+@click.option("--where", metavar="FILE:ROW", default=None,
+              help="The row built from row ROW (1-based) of input FILE, e.g. data.jsonl:17.")
+@click.option("--source", metavar="FILE", default=None, help="Only rows built from input FILE (path or file name).")
+@click.option("--truncated", is_flag=True, help="Only rows cut by --max-length.")
 @click.option("--ids", is_flag=True, help="Show a table of token index, id, text and label instead of the stream.")
 @click.option("--sep", default="", metavar="TEXT", help="Text printed between tokens, e.g. '|', to see token boundaries.")
 @click.option("--color/--no-color", default=None, help="Force colour on or off (default: when the terminal has it).")
 @reports_errors
-def show_command(directory, row, count, split, ids, sep, color):
-    """Show built rows token by token: ⟦trained⟧ tokens in green, masked (-100) tokens in red."""
+def show_command(directory, row, count, split, where, source, truncated, ids, sep, color):
+    """Show built rows of DIRECTORY (default sftdata-out) token by token: ⟦trained⟧ tokens in green, masked (-100)
+    tokens in red, whitespace visible, ✂ where truncation cut an example."""
     from sftdata.show import show
 
     out = Console(highlight=False, no_color=(color is False), force_terminal=True if color else None)
-    show(directory, row=row, count=count, split=split, ids=ids, separator=sep, color=color, console=out)
+    show(directory, row=row, count=count, split=split, ids=ids, separator=sep, where=where, source=source,
+         truncated=truncated, color=color, console=out)
 
 
 @main.command("templates")
@@ -191,6 +242,7 @@ from sftdata.cli_train import train_command, merge_command, memory_command; main
 from sftdata.cli_stats import stats_command; main.add_command(stats_command)  # noqa: E402,E702
 from sftdata.cli_verify import verify_command; main.add_command(verify_command)  # noqa: E402,E702
 from sftdata.cli_clean import dedup, decontaminate; main.add_command(dedup); main.add_command(decontaminate)  # noqa: E402,E702
+from sftdata.cli_eval import eval_command, export_command; main.add_command(eval_command); main.add_command(export_command)  # noqa: E402,E702
 
 
 if __name__ == "__main__":  # pragma: no cover

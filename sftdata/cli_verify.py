@@ -27,24 +27,31 @@ _STYLE = {"pass": "[green]pass[/]", "fail": "[bold red]FAIL[/]", "skip": "[dim]s
                    "turn into its own example, train only the last turn, or fail.")
 @click.option("--special-text", type=click.Choice(["reject", "escape"]), default="reject", show_default=True,
               help="As in `sftdata build`: how content containing special-token strings is handled.")
+@click.option("--tokenization", type=click.Choice(["auto", "context"]), default="auto", show_default=True,
+              help="As in `sftdata build`: a turn whose prompt merges with the reply in context.")
+@click.option("--template-kwargs", default=None, metavar="JSON", help="As in `sftdata build`: template variables.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--verbose", "-v", is_flag=True, help="Also list the notes (edge cases refused with a reason, policies).")
-def verify_command(tokenizer, template, history_policy, special_text, as_json, verbose):
+def verify_command(tokenizer, template, history_policy, special_text, tokenization, template_kwargs, as_json, verbose):
     """Check TEMPLATE on TOKENIZER: byte-identity with the tokenizer's chat_template, serving prefix (I2), exact masks
     (I3/I4), round trip and special tokens, on a built-in suite of conversations. Exit status 0 only when all pass.
+    The invariants are defined in docs/invariants.md.
 
     \b
     sftdata verify --tokenizer ./Qwen3-8B --template qwen3
     sftdata verify --tokenizer ./Meta-Llama-3-8B-Instruct            # its own chat_template
     sftdata verify --tokenizer ./Qwen3-8B-Base --template chatml --json
     """
+    from sftdata.cli import parse_template_kwargs
     from sftdata.render import EncodeOptions
     from sftdata.tokenizer import load_tokenizer
     from sftdata.verify import verify
 
     try:
+        options = EncodeOptions(special_text=special_text, history_policy=history_policy, tokenization=tokenization,
+                                template_kwargs=parse_template_kwargs(template_kwargs))
         tok = load_tokenizer(tokenizer, template=template)
-        report = verify(tok, template, history_policy=history_policy, options=EncodeOptions(special_text=special_text))
+        report = verify(tok, template, options=options)
     except DataError as e:
         fail(e, exit_code=2)
     if as_json:

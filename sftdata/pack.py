@@ -14,6 +14,8 @@ Conventions of a packed row (the same for both modes, see ``docs/packing.md``):
   TRL's padding-free collator and ``DataCollatorWithFlattening`` apply the same rule.
 - ``source`` / ``row`` / ``truncated``: per example of the row (lists, same order as ``seq_lengths``).
 - ``num_tokens`` / ``num_trained``: per row (``num_trained`` counts labels != -100 after the rule above).
+- ``kinds``: per token, what it is (``sftdata.render.KINDS``: markup, system, user, content, reasoning, tool call, tool
+  result), for ``show`` and ``stats``; labels never depend on it.
 
 SFT packing is exact best-fit-decreasing over the *whole* split: examples sorted by length (longest first, ties by
 input index) each go into the open row with the least free space that still fits them (ties: the row that reached
@@ -51,6 +53,7 @@ PACKED_SCHEMA = pa.schema([
     ("truncated", pa.list_(pa.bool_())),
     ("num_tokens", pa.int32()),
     ("num_trained", pa.int32()),
+    ("kinds", pa.list_(pa.int8())),
 ])
 
 _INPUT_TYPES = {
@@ -59,6 +62,7 @@ _INPUT_TYPES = {
     "source": pa.string(),
     "row": pa.int64(),
     "truncated": pa.bool_(),
+    "kinds": pa.list_(pa.int8()),
 }
 _CHUNK_TOKENS = 1 << 23  # tokens per output batch: bounds the extra memory of writing a split
 
@@ -172,6 +176,7 @@ def _as_table(columns: Mapping[str, Any] | pa.Table) -> pa.Table:
         columns.setdefault("source", [""] * n)
         columns.setdefault("row", list(range(1, n + 1)))
         columns.setdefault("truncated", [False] * n)
+        columns.setdefault("kinds", [[0] * len(ids) for ids in columns["input_ids"]])
         table = pa.table({k: pa.array(columns[k], type=t) for k, t in _INPUT_TYPES.items()})
     if "labels" not in table.column_names:
         table = table.append_column("labels", table["input_ids"])
@@ -181,6 +186,10 @@ def _as_table(columns: Mapping[str, Any] | pa.Table) -> pa.Table:
         table = table.append_column("row", pa.array(np.arange(1, table.num_rows + 1), pa.int64()))
     if "truncated" not in table.column_names:
         table = table.append_column("truncated", pa.array(np.zeros(table.num_rows, bool)))
+    if "kinds" not in table.column_names:
+        lengths = _lengths(table)
+        table = table.append_column("kinds", pa.ListArray.from_arrays(
+            pa.array(np.concatenate(([0], np.cumsum(lengths))), pa.int32()), pa.array(np.zeros(int(lengths.sum()), np.int8))))
     return table.select(list(_INPUT_TYPES)).cast(pa.schema(list(_INPUT_TYPES.items())))
 
 
@@ -196,8 +205,8 @@ def _list(offsets: np.ndarray, values: Any, type_: pa.DataType) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, type_))
 
 
-def _rows(segments: pa.Table, seg_lengths: np.ndarray, seg_offsets: np.ndarray, ids: np.ndarray, labels: np.ndarray
-          ) -> tuple[pa.Table, int]:
+def _rows(segments: pa.Table, seg_lengths: np.ndarray, seg_offsets: np.ndarray, ids: np.ndarray, labels: np.ndarray,
+          kinds: np.ndarray) -> tuple[pa.Table, int]:
     """Packed rows from segments laid out row by row: ``seg_offsets`` (rows+1) index segments, the token arrays are
     the segments' tokens concatenated. Returns the table and how many trained first-token labels were masked."""
     n_tokens = int(seg_lengths.sum())
@@ -219,6 +228,7 @@ def _rows(segments: pa.Table, seg_lengths: np.ndarray, seg_offsets: np.ndarray, 
         pa.ListArray.from_arrays(pa.array(seg_offsets, pa.int32()), segments["truncated"].combine_chunks()),
         pa.array(np.diff(token_offsets), pa.int32()),
         pa.array(trained[token_offsets[1:]] - trained[token_offsets[:-1]], pa.int32()),
+        _list(token_offsets, kinds.astype(np.int8, copy=False), pa.int8()),
     ], schema=PACKED_SCHEMA)
     return table, masked
 
@@ -240,7 +250,8 @@ def _bfd_batches(table: pa.Table, max_length: int, seed: int | None, chunk_token
         positions, seg_offsets = concat_ranges(offsets[chosen], offsets[chosen + 1])
         example_idx = items[positions]
         segments = table.take(pa.array(example_idx))
-        yield _rows(segments, lengths[example_idx], seg_offsets, _flat(segments["input_ids"]), _flat(segments["labels"]))
+        yield _rows(segments, lengths[example_idx], seg_offsets, _flat(segments["input_ids"]), _flat(segments["labels"]),
+                    _flat(segments["kinds"]))
 
 
 def _block_batches(table: pa.Table, max_length: int, seed: int | None, chunk_tokens: int = _CHUNK_TOKENS):
@@ -269,8 +280,8 @@ def _block_batches(table: pa.Table, max_length: int, seed: int | None, chunk_tok
         sub_starts = np.concatenate(([0], np.cumsum(lengths[used_docs])))
         seg_src = sub_starts[inverse] + (seg_begin[segs] - doc_starts[docs])  # first token of each piece in `sub`
         gather, _ = concat_ranges(seg_src, seg_src + seg_lengths)
-        ids, labels = _flat(sub["input_ids"])[gather], _flat(sub["labels"])[gather]
-        yield _rows(sub.take(pa.array(inverse)), seg_lengths, seg_offsets, ids, labels)
+        ids, labels, kinds = _flat(sub["input_ids"])[gather], _flat(sub["labels"])[gather], _flat(sub["kinds"])[gather]
+        yield _rows(sub.take(pa.array(inverse)), seg_lengths, seg_offsets, ids, labels, kinds)
 
 
 def _empty_stats(strategy: str, max_length: int, seed: int | None) -> dict[str, Any]:
@@ -375,7 +386,7 @@ def pack_split(src_parquet_files: list[str], dst_dir: str, split: str, max_lengt
     """
     from sftdata.write import SplitWriter
 
-    tables = [pq.read_table(f, columns=list(_INPUT_TYPES)) for f in src_parquet_files]
+    tables = [_as_table(pq.read_table(f)) for f in src_parquet_files]
     tables = [t for t in tables if t.num_rows]
     table = _as_table(pa.concat_tables(tables) if tables else
                       pa.schema(list(_INPUT_TYPES.items())).empty_table())

@@ -1,6 +1,7 @@
-"""``stats``: what a built directory holds -- example lengths against ``--max-length``, trained-token share per source,
-truncation counts and packing figures -- as a dict, in the terminal (rich), and as a picture (HTML with inline SVG,
-or a PNG written with nothing but zlib).
+"""``stats``: what a built directory holds -- example lengths against the build's ``--max-length``, trained-token share
+per source, rows skipped and removed by reason, truncation (examples cut and tokens lost), assistant turns per
+conversation and packing figures -- as a dict, in the terminal (rich), and as a self-contained HTML page whose charts
+are inline SVG (labelled axes, no plotting dependency; a browser saves or prints it as a picture).
 
 Works on unpacked and packed output alike: for packed rows the example lengths come from ``seq_lengths`` and the
 per-example trained tokens from ``labels`` split at those lengths.
@@ -11,8 +12,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import struct
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +119,11 @@ def _read_split(files: list[Path]) -> dict[str, Any]:
 
 def stats(directory: str | Path) -> dict[str, Any]:
     """Statistics of a built directory (``sftdata build`` output, packed or not) as a JSON-able dict."""
+    from sftdata.write import restore_interrupted
+
     directory = Path(directory)
+    if not directory.exists():
+        restore_interrupted(directory)  # an output a killed build left moved aside
     manifest_path = directory / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     options = manifest.get("options") or {}
@@ -165,11 +168,22 @@ def stats(directory: str | Path) -> dict[str, Any]:
 
     counts = manifest.get("counts") or {}
     skipped = counts.get("skipped") or {}
+    lost = (manifest.get("tokens") or {}).get("lost_to_truncation") or {}  # absent in outputs of older builds
+    out["counts"] = {"rows_read": counts.get("rows_read"), "rows_kept": counts.get("rows_kept"),
+                     "skipped": dict(skipped), "removed": dict(counts.get("removed") or {})}
     out["truncation"] = {
         "policy": options.get("truncation"),
         "truncated": counts.get("truncated", sum(s["truncated"] for s in out["splits"].values())),
         "truncated_per_split": {k: s["truncated"] for k, s in out["splits"].items()},
         "dropped_too_long": int(skipped.get("too-long", 0)),
+        "tokens_lost": lost.get("tokens"),
+        "trained_tokens_lost": lost.get("trained"),
+    }
+    turns = {int(k): int(v) for k, v in ((manifest.get("conversations") or {}).get("assistant_turns") or {}).items()}
+    conversations = sum(turns.values())
+    out["conversations"] = {
+        "count": conversations, "assistant_turns": {str(k): v for k, v in sorted(turns.items())},
+        "mean_assistant_turns": round(sum(k * v for k, v in turns.items()) / conversations, 2) if conversations else 0.0,
     }
     out["packing"] = packing
     return out
@@ -183,52 +197,94 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def render_terminal(report: dict[str, Any], console: Any = None, width: int = 40) -> None:
-    """Print ``report`` (from :func:`stats`) with rich: length histogram against N, sources, truncation, packing."""
-    from rich.console import Console
+def _table(title: str, columns: list[str], rows: list[list[str]], *, left: int = 1):
+    """A rich table whose headers are never cut: every column is at least as wide as its header and numbers do not
+    wrap; only the first ``left`` (text) columns fold when the terminal is narrow."""
     from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, col in enumerate(columns):
+        text_column = i < left
+        table.add_column(col, justify="left" if text_column else "right", min_width=len(col),
+                         overflow="fold", no_wrap=not text_column)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _count(value: Any) -> str:
+    return "—" if value is None else f"{value:,}"
+
+
+def render_terminal(report: dict[str, Any], console: Any = None, width: int = 40) -> None:
+    """Print ``report`` (from :func:`stats`) with rich: rows kept/skipped/removed by reason, the length histogram
+    against N, sources, truncation, assistant turns per conversation, packing."""
+    from rich.console import Console
+    from rich.markup import escape
 
     console = console or Console(highlight=False)
     n = report["max_length"]
-    console.print(f"[bold]{report['directory']}[/] · max_length {n or '—'} · "
-                  f"{'packed' if report['packed'] else 'unpacked'}")
+    console.print(f"[bold]{escape(report['directory'])}[/] · max_length {n or '—'} · "
+                  f"{'packed' if report['packed'] else 'unpacked'}", soft_wrap=True)
+    c = report.get("counts") or {}
+    if c.get("rows_read") is not None:
+        rows = [["rows read", _count(c["rows_read"])], ["examples kept", _count(c["rows_kept"])]]
+        rows += [[f"skipped: {kind}", f"{v:,}"] for kind, v in c["skipped"].items()]
+        rows += [[f"removed: {reason}", f"{v:,}"] for reason, v in c["removed"].items()]
+        console.print(_table("rows", ["", "count"], rows))
     for name, s in report["splits"].items():
         lengths = s["length"]
         console.print(f"\n[bold underline]{name}[/]: {s['examples']:,} examples in {s['rows']:,} rows · "
                       f"{s['tokens']:,} tokens · {s['trained']:,} trained "
-                      f"({_pct(s['trained'] / s['tokens']) if s['tokens'] else '—'})")
+                      f"({_pct(s['trained'] / s['tokens']) if s['tokens'] else '—'})", soft_wrap=True)
         console.print(f"example length: min {lengths['min']} · median {lengths['median']} · mean {lengths['mean']} · "
                       f"p95 {lengths['p95']} · p99 {lengths['p99']} · max {lengths['max']}"
-                      + (f" · {s['at_max_length']:,} at N" if n else ""))
+                      + (f" · {s['at_max_length']:,} at N" if n else ""), soft_wrap=True)
         console.print(_histogram_text(s["histogram"], n, width, "example length"))
         if "row_fill" in s:
             console.print(f"packed row fill: {s['fill_ratio']:.4f}")
             console.print(_histogram_text(s["row_fill"], n, width, "tokens per row"))
         if s["per_source"]:
-            table = Table(title=f"{name}: trained tokens per source", title_justify="left")
-            for col in ("source", "examples", "tokens", "trained", "share of trained", "trained / tokens"):
-                table.add_column(col, justify="left" if col == "source" else "right")
             names = _short_names(list(s["per_source"]))
-            for src, v in s["per_source"].items():
-                table.add_row(names[src], f"{v['examples']:,}", f"{v['tokens']:,}", f"{v['trained']:,}",
-                              _pct(v["trained_share"]), _pct(v["trained_fraction"]))
-            console.print(table)
+            console.print(_table(f"{name}: trained tokens per source",
+                                 ["source", "examples", "tokens", "trained", "% of trained", "trained %"],
+                                 [[escape(names[src]), f"{v['examples']:,}", f"{v['tokens']:,}", f"{v['trained']:,}",
+                                   _pct(v["trained_share"]), _pct(v["trained_fraction"])]
+                                  for src, v in s["per_source"].items()]))
     t = report["truncation"]
+    lost = ("" if t.get("tokens_lost") is None else
+            f" · {t['tokens_lost']:,} tokens cut off, {t['trained_tokens_lost']:,} of them trained")
     console.print(f"\n[bold]truncation[/] (policy {t['policy'] or '—'}): {t['truncated']:,} examples truncated to N"
-                  f" ({', '.join(f'{k} {v:,}' for k, v in t['truncated_per_split'].items())}) · "
-                  f"{t['dropped_too_long']:,} dropped as too long")
+                  f" ({', '.join(f'{k} {v:,}' for k, v in t['truncated_per_split'].items())}){lost} · "
+                  f"{t['dropped_too_long']:,} dropped as too long", soft_wrap=True)
+    conv = report.get("conversations") or {}
+    if conv.get("count"):
+        turns = {int(k): v for k, v in conv["assistant_turns"].items()}
+        console.print(f"\n[bold]assistant turns per conversation[/]: {conv['count']:,} conversations, mean "
+                      f"{conv['mean_assistant_turns']}", soft_wrap=True)
+        top = max(turns.values())
+        label_w = max(len(str(k)) for k in turns)
+        for k, v in turns.items():
+            console.print(f"{k:>{label_w}} [green]{'█' * max(1, round(width * v / top))}[/] {v:,}")
     if report["packing"]:
-        table = Table(title="packing", title_justify="left")
-        for col in ("split", "strategy", "examples", "rows", "fill", "examples/row (min–max)", "padding",
-                    "truncated", "full rows"):
-            table.add_column(col, justify="right")
-        for name, p in report["packing"].items():
-            epr = p.get("examples_per_row", {})
-            table.add_row(name, str(p.get("strategy", "")), f"{p.get('examples', 0):,}", f"{p.get('rows', 0):,}",
-                          f"{p.get('fill_ratio', 0):.4f}", f"{epr.get('mean', 0)} ({epr.get('min', 0)}–{epr.get('max', 0)})",
-                          f"{p.get('padding_tokens', 0):,}", f"{p.get('truncated_examples', 0):,}",
-                          f"{p.get('full_rows', 0):,}")
-        console.print(table)
+        splits = list(report["packing"])
+        p = report["packing"]
+
+        def row(label: str, fmt) -> list[str]:
+            return [label] + [fmt(p[k]) for k in splits]
+
+        epr = lambda x: x.get("examples_per_row", {})  # noqa: E731
+        console.print(_table("packing", ["", *splits], [
+            row("strategy", lambda x: str(x.get("strategy", ""))),
+            row("examples", lambda x: f"{x.get('examples', 0):,}"),
+            row("rows", lambda x: f"{x.get('rows', 0):,}"),
+            row("fill ratio", lambda x: f"{x.get('fill_ratio', 0):.4f}"),
+            row("examples per row, mean (min–max)",
+                lambda x: f"{epr(x).get('mean', 0)} ({epr(x).get('min', 0)}–{epr(x).get('max', 0)})"),
+            row("padding tokens", lambda x: f"{x.get('padding_tokens', 0):,}"),
+            row("truncated examples", lambda x: f"{x.get('truncated_examples', 0):,}"),
+            row("full rows", lambda x: f"{x.get('full_rows', 0):,}"),
+        ]))
 
 
 def _histogram_text(hist: dict[str, Any], max_length: int | None, width: int, what: str, lines_max: int = 16) -> str:
@@ -317,6 +373,27 @@ def _svg_sources(per_source: dict[str, Any], title: str, w: int = 720) -> str:
     return "".join(parts)
 
 
+def _svg_bars(counts: dict[str, int], title: str, x_label: str, w: int = 720, h: int = 220) -> str:
+    """Vertical bars, one per key, labelled under the bar, count on top."""
+    left, right, top, bottom = 56, 16, 28, 40
+    pw, ph = w - left - right, h - top - bottom
+    peak = max(list(counts.values()) + [1])
+    bw = pw / max(1, len(counts))
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" '
+             f'aria-label="{html.escape(title)}" font-family="sans-serif" font-size="11">',
+             f'<text x="{left}" y="16" font-size="13" font-weight="bold">{html.escape(title)}</text>']
+    for i, (key, c) in enumerate(counts.items()):
+        bh = ph * c / peak
+        x = left + i * bw
+        parts.append(f'<rect x="{x + 1:.1f}" y="{top + ph - bh:.1f}" width="{max(bw - 2, 1):.1f}" height="{bh:.1f}" '
+                     f'fill="#2ca02c"><title>{html.escape(str(key))}: {c:,}</title></rect>'
+                     f'<text x="{x + bw / 2:.1f}" y="{top + ph - bh - 3:.1f}" text-anchor="middle">{c:,}</text>'
+                     f'<text x="{x + bw / 2:.1f}" y="{top + ph + 14}" text-anchor="middle">{html.escape(str(key))}</text>')
+    parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{top + ph}" y2="{top + ph}" stroke="#999"/>'
+                 f'<text x="{left + pw / 2}" y="{h - 6}" text-anchor="middle">{html.escape(x_label)}</text></svg>')
+    return "".join(parts)
+
+
 def _html_table(header: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
@@ -332,6 +409,12 @@ def render_html(report: dict[str, Any]) -> str:
            "h2{margin-top:28px}</style></head><body>",
            f"<h1>sftdata stats</h1><p><code>{html.escape(report['directory'])}</code> · max_length "
            f"{n or '—'} · {'packed' if report['packed'] else 'unpacked'}</p>"]
+    c = report.get("counts") or {}
+    if c.get("rows_read") is not None:
+        out.append("<h2>rows</h2>" + _html_table(
+            ["", "count"], [["rows read", _count(c["rows_read"])], ["examples kept", _count(c["rows_kept"])]]
+            + [[f"skipped: {k}", f"{v:,}"] for k, v in c["skipped"].items()]
+            + [[f"removed: {k}", f"{v:,}"] for k, v in c["removed"].items()]))
     for name, s in report["splits"].items():
         L = s["length"]
         out.append(f"<h2>{html.escape(name)}</h2><p>{s['examples']:,} examples in {s['rows']:,} rows · "
@@ -350,9 +433,16 @@ def render_html(report: dict[str, Any]) -> str:
                                     for k, v in s["per_source"].items()]))
     t = report["truncation"]
     out.append("<h2>truncation</h2>" + _html_table(
-        ["policy", "truncated to N", "dropped as too long"] + [f"truncated in {k}" for k in t["truncated_per_split"]],
-        [[t["policy"] or "—", f"{t['truncated']:,}", f"{t['dropped_too_long']:,}"]
-         + [f"{v:,}" for v in t["truncated_per_split"].values()]]))
+        ["policy", "truncated to N", "tokens cut off", "trained tokens cut off", "dropped as too long"]
+        + [f"truncated in {k}" for k in t["truncated_per_split"]],
+        [[t["policy"] or "—", f"{t['truncated']:,}", _count(t.get("tokens_lost")), _count(t.get("trained_tokens_lost")),
+          f"{t['dropped_too_long']:,}"] + [f"{v:,}" for v in t["truncated_per_split"].values()]]))
+    conv = report.get("conversations") or {}
+    if conv.get("count"):
+        out.append(f"<h2>assistant turns per conversation</h2><p>{conv['count']:,} conversations, mean "
+                   f"{conv['mean_assistant_turns']}</p>" + _svg_bars(
+                       {k: v for k, v in conv["assistant_turns"].items()}, "conversations by assistant turns",
+                       "assistant turns"))
     if report["packing"]:
         out.append("<h2>packing</h2>" + _html_table(
             ["split", "strategy", "examples", "rows", "fill ratio", "examples/row mean (min–max)", "padding tokens",
@@ -365,71 +455,3 @@ def render_html(report: dict[str, Any]) -> str:
              for k, p in report["packing"].items()]))
     out.append("</body></html>")
     return "\n".join(out)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# PNG (zlib only): the length histogram of each split against N, stacked
-# ----------------------------------------------------------------------------------------------------------------
-
-_FONT = {  # 3x5 glyphs, rows top to bottom, 3 bits each
-    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
-    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
-    "8": "111101111101111", "9": "111101111001111", "N": "101111111111101", "=": "000111000111000",
-    ">": "100010001010100", " ": "000000000000000", ",": "000000000010100", "k": "100101110101101",
-}
-
-
-def _text(img: np.ndarray, x: int, y: int, s: str, color, scale: int = 2) -> None:
-    for ch in s:
-        glyph = _FONT.get(ch)
-        if glyph:
-            for r in range(5):
-                for c in range(3):
-                    if glyph[r * 3 + c] == "1":
-                        img[y + r * scale:y + (r + 1) * scale, x + c * scale:x + (c + 1) * scale] = color
-        x += 4 * scale
-
-
-def _png_bytes(img: np.ndarray) -> bytes:
-    h, w, _ = img.shape
-    raw = b"".join(b"\x00" + img[y].tobytes() for y in range(h))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-
-
-def render_png(report: dict[str, Any], w: int = 800, panel_h: int = 240) -> bytes:
-    """One panel per split: green bars = example-length histogram, orange line = N, red bar = examples above N.
-    Axis numbers are drawn with a tiny built-in font (no matplotlib/PIL needed)."""
-    n = report["max_length"]
-    splits = list(report["splits"].items()) or [("", {"histogram": {"counts": [], "edges": [0, 1],
-                                                                     "above_max_length": 0}})]
-    img = np.full((panel_h * len(splits), w, 3), 255, np.uint8)
-    for p, (_, s) in enumerate(splits):
-        hist = s["histogram"]
-        counts = list(hist["counts"]) + ([hist["above_max_length"]] if n else [])
-        top, left, right, bottom = p * panel_h + 20, 60, 16, 30
-        ph, pw = panel_h - 20 - bottom, w - left - right
-        peak = max(counts + [1])
-        img[top + ph, left:left + pw] = (0, 0, 0)
-        img[top:top + ph, left] = (0, 0, 0)
-        bw = pw / max(1, len(counts))
-        for i, c in enumerate(counts):
-            bh = int(round(ph * c / peak))
-            x0, x1 = int(left + i * bw) + 1, int(left + (i + 1) * bw) - 1
-            color = (214, 39, 40) if n and i == len(counts) - 1 else (44, 160, 44)
-            if bh and x1 > x0:
-                img[top + ph - bh:top + ph, x0:x1] = color
-        _text(img, 4, top, f"{peak:,}", (0, 0, 0))
-        _text(img, 4, top + ph - 10, "0", (0, 0, 0))
-        edges = hist["edges"]
-        for i in range(0, len(edges), max(1, len(edges) // 6)):
-            _text(img, int(left + i * bw) - 6, top + ph + 6, f"{edges[i]}", (0, 0, 0))
-        if n:
-            x = int(left + (len(edges) - 1) * bw)
-            img[top:top + ph, max(0, x - 1):x + 1] = (255, 127, 14)
-            _text(img, max(0, x - 90), top, f"N={n}", (255, 127, 14))
-    return _png_bytes(img)

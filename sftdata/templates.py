@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -33,12 +35,67 @@ def builtin_template_names() -> list[str]:
     return sorted(p.stem for p in builtin_template_dir().glob("*.jinja"))
 
 
-def _compile(source: str):
-    # transformers' compiler is the reference servers use (vLLM and TGI call it too); reusing it is what makes
-    # "renders byte-identically to apply_chat_template" true by construction rather than by imitation.
-    from transformers.utils.chat_template_utils import _compile_jinja_template
+class TemplateBudgetError(Exception):
+    """A render went past its time or size budget (a template that loops or grows strings without bound)."""
 
-    return _compile_jinja_template(source)
+
+@dataclass
+class RenderBudget:
+    """Limits for one render: wall-clock seconds, and characters of any string the template builds or outputs."""
+
+    seconds: float = 10.0
+    chars: int = 16 * 1024 * 1024
+
+
+class _BudgetState:
+    def __init__(self) -> None:
+        self.deadline = float("inf")
+        self.budget = RenderBudget()
+        self.iterations = 0
+
+    def tick(self) -> None:
+        self.iterations += 1
+        if self.iterations & 1023 == 0 and time.monotonic() > self.deadline:
+            raise TemplateBudgetError(f"rendering took more than {self.budget.seconds:g} s")
+
+    def check_size(self, value: Any) -> Any:
+        if isinstance(value, (str, list)) and len(value) > self.budget.chars:
+            raise TemplateBudgetError(f"the template built a value of {len(value):,} items (budget {self.budget.chars:,})")
+        return value
+
+
+class _CountingRange(Sequence):
+    """The sandbox's ``range`` (at most 100,000 items each), counting iterations against the render's time budget."""
+
+    def __init__(self, state: _BudgetState, rng: range):
+        self._state, self._range = state, rng
+
+    def __len__(self) -> int:
+        return len(self._range)
+
+    def __getitem__(self, i):
+        return self._range[i]
+
+    def __iter__(self):
+        for x in self._range:
+            self._state.tick()
+            yield x
+
+
+def _compile(source: str, state: _BudgetState):
+    # transformers' compiler is the reference servers use (vLLM and TGI call it too): the same sandboxed environment,
+    # filters and globals make "renders byte-identically to apply_chat_template" true by construction. Its environment
+    # is made per template, so sftdata adds a budget to this one and recompiles: `range` counts iterations against a
+    # deadline, and `+`/`*` refuse to build strings or lists over the size budget (unbounded templates would otherwise
+    # hang a build or exhaust memory).
+    from jinja2.sandbox import safe_range
+    from transformers.utils.chat_template_utils import _cached_compile_jinja_template
+
+    environment = _cached_compile_jinja_template(source).environment
+    environment.intercepted_binops = frozenset({"+", "*"})
+    environment.call_binop = lambda context, op, left, right: state.check_size(environment.binop_table[op](left, right))
+    environment.globals["range"] = lambda *args: _CountingRange(state, safe_range(*args))
+    return environment.from_string(source)
 
 
 @dataclass
@@ -53,22 +110,61 @@ class ChatTemplate:
     source: str
     special_tokens: dict[str, Any]
     origin: str = ""
+    budget: RenderBudget = field(default_factory=RenderBudget)
+
+    @cached_property
+    def _state(self) -> _BudgetState:
+        return _BudgetState()
 
     @cached_property
     def _compiled(self):
         try:
-            return _compile(self.source)
+            return _compile(self.source, self._state)
         except Exception as e:  # jinja2.TemplateSyntaxError and friends
             raise DataError(f"template {self.name!r} does not compile: {e}") from None
+
+    @cached_property
+    def variables(self) -> frozenset[str]:
+        """The variables the template reads besides the ones every server passes (``enable_thinking``, ``date_string``
+        ...): a row field or ``--template-kwargs`` key of that name is handed to it."""
+        import jinja2.meta
+        from jinja2 import nodes
+
+        ast = self._compiled.environment.parse(self.source)
+        assigned = {n.name for n in ast.find_all(nodes.Name) if n.ctx in ("store", "param")}
+        names = jinja2.meta.find_undeclared_variables(ast) - assigned
+        standard = {"messages", "tools", "documents", "add_generation_prompt", "raise_exception", "strftime_now",
+                    "namespace", "dict", "range", "loop", "true", "false", "none", "True", "False", "None"}
+        return frozenset(n for n in names if n not in standard and n not in self.special_tokens
+                         and not n.endswith("_token"))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Compiled Jinja templates hold local functions and cannot be pickled; a worker recompiles from the source.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_compiled", "_state")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     @cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.source.encode("utf-8")).hexdigest()
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, **kwargs: Any) -> str:
-        """Render ``messages``; raises ``jinja2.TemplateError`` for conversations the template refuses."""
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+               tools: list[dict[str, Any]] | None = None, **kwargs: Any) -> str:
+        """Render ``messages`` exactly as ``tokenizer.apply_chat_template`` does (same variables: the special tokens,
+        ``tools``, ``documents=None``, ``add_generation_prompt`` and the template keywords in ``kwargs``).
+
+        Raises ``jinja2.TemplateError`` for conversations the template refuses and :class:`TemplateBudgetError` when the
+        render goes past the template's :class:`RenderBudget`.
+        """
+        compiled = self._compiled
+        state = self._state
+        state.budget, state.iterations = self.budget, 0
+        state.deadline = time.monotonic() + self.budget.seconds
         variables = {**self.special_tokens, **kwargs}
-        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        text = compiled.render(messages=messages, tools=tools, documents=None,
+                               add_generation_prompt=add_generation_prompt, **variables)
+        return state.check_size(text)
 
     @cached_property
     def end_of_turn(self) -> str:

@@ -1,42 +1,50 @@
 """Train: QLoRA / LoRA / full fine-tuning over an ``sftdata build`` output directory.
 
 A thin layer over ``transformers.Trainer`` + peft + bitsandbytes; what it adds is what keeps the train/serve
-promise and guards the traps the field keeps hitting:
+promise, guards the traps the field keeps hitting, and makes a long run observable:
 
-* **padding-free batches** (:class:`SFTDataCollator`): the rows of a micro-batch are concatenated into one
-  sequence with ``position_ids`` restarting at 0 per example and *no* ``attention_mask``. transformers 5.x then
-  builds the block-diagonal causal mask from ``position_ids`` (it does so only when ``attention_mask is None`` and
-  there is no cache, so the model runs with ``use_cache=False``): packed examples never attend to each other
-  (GUIDE §3.14). The first label of every example is set to ``-100`` so that the last token of one example is
-  never trained to predict the first token of the next: the loss of a packed row is exactly the token-weighted
-  mean of its examples' losses.
-* **bitsandbytes CPU repacking** (:func:`disable_cpu_4bit_repacking`): bitsandbytes >= 0.49 on CPUs with
-  AVX512-BF16 repacks ``Linear4bit`` weights into a CPU-only layout during a ``no_grad`` eval forward; the
-  kernel used on that layout has no autograd formula, so LoRA gradients after the first eval are silently wrong.
-  The guard turns the repacking off on every ``Linear4bit`` and undoes it if it already happened.
-* **all-masked batches**: rows with no trained target are dropped when the data is loaded, and a micro-batch
-  without one contributes a zero loss instead of ``0/0 = NaN``.
-* **tokenizer identity**: the model's tokenizer must have the fingerprint the manifest recorded.
-* **serving template**: the saved tokenizer's ``chat_template`` is the exact template the data was built with.
+* **padding-free batches** (:class:`SFTDataCollator`): rows stay ``[B, L]`` with per-row ``position_ids`` that
+  restart at 0 for every packed example and *no* ``attention_mask``; transformers 5.x then builds a per-row
+  block-diagonal causal mask from the ``position_ids`` (only when ``attention_mask is None`` and no cache is used,
+  hence ``use_cache=False``), so no example attends to another and attention costs ``B·L²``, not ``(B·L)²``.
+  With flash-attention the micro-batch is flattened to ``[1, N]`` instead, which its varlen kernel reads from the
+  same ``position_ids``. The first label of every example is ``-100``: the last token of one example is never
+  trained to predict the first token of the next, so the loss of a packed row is exactly the token-weighted mean
+  of its examples' losses.
+* **bitsandbytes CPU repacking** (:func:`disable_cpu_4bit_repacking`), **all-masked batches** (dropped at load
+  time; a micro-batch without a target adds an exact zero), **tokenizer identity** against the manifest, and the
+  **serving template** saved with the adapter.
+* **an output directory that belongs to one run**: a fresh run refuses a non-empty directory, and ``resume``
+  refuses checkpoints written for other data or another model (``sftdata_run.json``).
+* **a run you can watch**: a start-up line, plain log lines (step, loss, lr, grad norm, tokens/s, ETA) when the
+  output is not a terminal, TensorBoard / MLflow / W&B through transformers' integrations, early stopping with
+  the best checkpoint kept, peak memory in the summary.
 
 torch, peft and bitsandbytes are imported inside functions: the core install (build, show, ...) has no torch.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
+import logging
 import math
+import shutil
+import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-METHODS = ("qlora", "lora", "full")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+from sftdata.train_config import METHODS, PRECISIONS, TrainConfig  # noqa: F401  (re-exported)
+
 TRAIN_INFO = "sftdata_train.json"
+RUN_INFO = "sftdata_run.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "tokenizer.model", "added_tokens.json")
+NUM_TOKENS_KEY = "sftdata_num_tokens"  # collated batch entry the trainer pops: real (non-pad) tokens
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 INSTALL_HINT = (
     "training needs the `train` extra (torch, peft, bitsandbytes, accelerate). Install torch first so pip does "
     "not pull a multi-GB CUDA build you do not need:\n"
@@ -53,8 +61,51 @@ class TokenizerMismatchError(TrainError):
     """The dataset was tokenized with a different tokenizer than the model's."""
 
 
+def quiet_library_loggers() -> None:
+    """Silence library log lines that are not the user's business (idempotent; call before importing bitsandbytes).
+
+    bitsandbytes logs at import, on CPUs with AVX512-BF16, that an optional CPU kernel package is missing; that
+    kernel only serves the repacked inference layout, which :func:`disable_cpu_4bit_repacking` turns off anyway.
+    """
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # checkpoint rotation on filesystems with coarse timestamps: transformers falls back to step order, which is
+    # what the run wants anyway
+    rotation = logging.getLogger("transformers.trainer_utils")
+    if not any(isinstance(f, _DropMessages) for f in rotation.filters):
+        rotation.addFilter(_DropMessages("mtime may not be reliable"))
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def quiet_library_warnings() -> Iterator[None]:
+    """Hide the deprecation and platform notices transformers, peft and bitsandbytes print during a run.
+
+    Kept: everything else (a warning about the user's data, model or settings still shows).
+    """
+    with warnings.catch_warnings():
+        # peft asks transformers for `is_gradient_checkpointing`, which transformers 5 deprecates in its own favour
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated",
+                                category=FutureWarning)
+        # bitsandbytes runs the paged optimizers unpaged on CPU, and says so once per parameter
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+        # torch.utils.checkpoint's notice about a default the trainer sets explicitly
+        warnings.filterwarnings("ignore", message=r".*use_reentrant parameter should be passed explicitly")
+        # transformers' TensorBoard callback on a torch build without tensorboard's own writer
+        warnings.filterwarnings("ignore", message=r".*TensorFlow installation is not found")
+        yield
+
+
 def require_train_deps(method: str = "qlora") -> None:
     """Raise :class:`TrainError` with install instructions when the training extra is missing."""
+    quiet_library_loggers()
     missing = []
     mods = ["torch", "transformers", "peft", "accelerate"] + (["bitsandbytes"] if method == "qlora" else [])
     if method == "full":
@@ -78,14 +129,6 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise TrainError(f"{data_dir} is not an sftdata output directory (no manifest.json); run `sftdata build` first")
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def split_paths(data_dir: str | Path, manifest: dict[str, Any], split: str) -> list[Path]:
-    """Parquet files of ``split`` as the manifest lists them (falling back to ``{split}-*.parquet``)."""
-    info = (manifest.get("splits") or {}).get(split)
-    if info and info.get("files"):
-        return [Path(data_dir) / f for f in info["files"]]
-    return sorted(Path(data_dir).glob(f"{split}-*.parquet"))
 
 
 def _row_positions(table) -> Any:
@@ -117,28 +160,63 @@ def targets_per_row(table) -> Any:
     return csum[ends] - csum[ends - lengths]
 
 
+class TokenRows:
+    """The rows of a split in memory as flat numpy arrays plus offsets; ``rows[i]`` is a dict of numpy arrays.
+
+    A map-style dataset for ``torch.utils.data.DataLoader`` (``len`` + indexing). Flat arrays instead of a
+    ``datasets.Dataset``: indexing is a slice, with no per-row Arrow conversion and no extra dependency.
+    """
+
+    def __init__(self, table):
+        import numpy as np
+        import pyarrow.compute as pc
+
+        self.columns = [c for c in ("input_ids", "labels", "position_ids", "seq_lengths") if c in table.column_names]
+        self.values: dict[str, Any] = {}
+        self.offsets: dict[str, Any] = {}
+        for name in self.columns:
+            column = table.column(name).combine_chunks()
+            self.values[name] = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64)
+            lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+            self.offsets[name] = np.concatenate([[0], np.cumsum(lengths)])
+        self.lengths = np.diff(self.offsets["input_ids"])
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return {name: self.values[name][self.offsets[name][index]:self.offsets[name][index + 1]]
+                for name in self.columns}
+
+
 @dataclass
 class SplitData:
-    dataset: Any  # datasets.Dataset
+    dataset: TokenRows
     rows: int
     dropped_no_target: int
     tokens: int
     targets: int
     max_token_id: int
+    max_row_tokens: int
     packed: bool
 
 
-def load_split(data_dir: str | Path, manifest: dict[str, Any], split: str) -> SplitData | None:
-    """Read one split into an in-memory ``datasets.Dataset`` of the columns training needs.
+def load_split(data_dir: str | Path, split: str) -> SplitData | None:
+    """Read one split (its files located through the manifest) into memory, keeping the columns training needs.
 
     Rows without a single trained target are dropped here (an all-``-100`` batch gives ``0/0 = NaN``).
     """
-    import datasets
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    paths = split_paths(data_dir, manifest, split)
+    from sftdata.write import split_files
+
+    paths = split_files(data_dir, split).get(split) or []
     if not paths:
         return None
     tables = [pq.read_table(p) for p in paths]
@@ -154,14 +232,15 @@ def load_split(data_dir: str | Path, manifest: dict[str, Any], split: str) -> Sp
     targets = targets_per_row(table)
     table = table.filter(pa.array(targets > 0))
     ids = pc.list_flatten(table.column("input_ids"))
-    max_id = int(pc.max(ids).as_py()) if len(ids) else -1
+    lengths = pc.list_value_length(table.column("input_ids"))
     return SplitData(
-        dataset=datasets.Dataset(table),
+        dataset=TokenRows(table),
         rows=table.num_rows,
         dropped_no_target=int(n_rows - table.num_rows),
         tokens=len(ids),
         targets=int(targets.sum()),
-        max_token_id=max_id,
+        max_token_id=int(pc.max(ids).as_py()) if len(ids) else -1,
+        max_row_tokens=int(pc.max(lengths).as_py()) if len(lengths) else 0,
         packed="position_ids" in keep or "seq_lengths" in keep,
     )
 
@@ -169,80 +248,139 @@ def load_split(data_dir: str | Path, manifest: dict[str, Any], split: str) -> Sp
 class SFTDataCollator:
     """Collate sftdata rows (packed or not) for a causal LM.
 
-    ``padding_free=True`` (default): the rows are concatenated into a single ``[1, N]`` sequence with
-    ``position_ids`` (kept from packed rows, ``0..n-1`` per unpacked row), no ``attention_mask`` and no padding.
-    transformers 5.x derives the block-diagonal causal mask from those ``position_ids`` (only when
-    ``attention_mask is None`` and no cache is used), so no example attends to another. With flash-attention 2
-    the same ``position_ids`` drive the varlen kernel. The label at the first position of every example is set to
-    ``-100``: it would otherwise be predicted from the previous example's last token.
+    ``padding_free=True`` (default): no ``attention_mask``; every row carries ``position_ids`` (kept from packed
+    rows, ``0..n-1`` for unpacked ones) and transformers 5.x derives the block-diagonal causal mask from them
+    (only when ``attention_mask is None`` and no cache is used), so no example attends to another. The label at
+    the first position of every example is ``-100``: it would otherwise be predicted from the previous example's
+    last token.
+
+    * ``flatten=False``: rows stay ``[B, L]`` (``L`` = the longest row, rounded up to ``pad_to_multiple_of``).
+      A shorter row is filled with ``pad_token_id`` as a separate segment (its own ``position_ids`` from 0, labels
+      ``-100``), which nothing real can attend to. SDPA/eager attention then costs ``B·L²``.
+    * ``flatten=True``: the rows are concatenated into one ``[1, N]`` sequence, for flash-attention's varlen
+      kernel (which reads packing from ``position_ids`` only at batch size 1). With SDPA this costs ``N²``.
 
     ``padding_free=False``: unpacked rows only; right-padded ``[B, L]`` batches with an ``attention_mask`` and
     ``-100`` labels on padding (a packed row cannot be padded this way: the mask would let its examples see each
     other).
+
+    ``count_tokens=True`` adds ``sftdata_num_tokens`` (real, non-pad tokens) for :class:`SFTDataTrainer`, which
+    removes it before the forward pass; leave it off when handing batches to a model directly.
     """
 
-    def __init__(self, padding_free: bool = True, pad_token_id: int = 0, pad_to_multiple_of: int | None = None):
+    def __init__(self, padding_free: bool = True, pad_token_id: int = 0, pad_to_multiple_of: int | None = None,
+                 *, flatten: bool = False, count_tokens: bool = False):
         self.padding_free = padding_free
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.flatten = flatten
+        self.count_tokens = count_tokens
 
     @staticmethod
-    def _positions(feature: dict[str, Any]) -> list[int]:
+    def _positions(feature: dict[str, Any]):
+        import numpy as np
+
         n = len(feature["input_ids"])
         pos = feature.get("position_ids")
         if pos is not None:
-            pos = list(pos)
+            pos = np.asarray(pos, dtype=np.int64)
             if len(pos) != n:
                 raise ValueError(f"position_ids has {len(pos)} entries for {n} tokens")
             return pos
         lengths = feature.get("seq_lengths")
-        if lengths:
-            if sum(lengths) != n:
-                raise ValueError(f"seq_lengths sum to {sum(lengths)} for {n} tokens")
-            return [i for length in lengths for i in range(length)]
-        return list(range(n))
+        if lengths is not None and len(lengths):
+            lengths = np.asarray(lengths, dtype=np.int64)
+            if int(lengths.sum()) != n:
+                raise ValueError(f"seq_lengths sum to {int(lengths.sum())} for {n} tokens")
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            return np.arange(n, dtype=np.int64) - np.repeat(starts, lengths)
+        return np.arange(n, dtype=np.int64)
+
+    def _width(self, n: int) -> int:
+        if self.pad_to_multiple_of:
+            return -(-n // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return n
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        import numpy as np
         import torch
 
+        ids = [np.asarray(f["input_ids"], dtype=np.int64) for f in features]
+        labels = [np.asarray(f["labels"], dtype=np.int64) for f in features]
+        real = sum(len(x) for x in ids)
         if self.padding_free:
-            ids: list[int] = []
-            labels: list[int] = []
-            positions: list[int] = []
+            positions = [self._positions(f) for f in features]
+            labels = [np.where(p == 0, -100, lab) for p, lab in zip(positions, labels)]
+            if self.flatten:
+                batch = {"input_ids": np.concatenate(ids)[None], "labels": np.concatenate(labels)[None],
+                         "position_ids": np.concatenate(positions)[None]}
+            else:
+                width = self._width(max(len(x) for x in ids))
+                batch = {"input_ids": np.full((len(ids), width), self.pad_token_id, dtype=np.int64),
+                         "labels": np.full((len(ids), width), -100, dtype=np.int64),
+                         "position_ids": np.empty((len(ids), width), dtype=np.int64)}
+                for i, (x, lab, pos) in enumerate(zip(ids, labels, positions)):
+                    n = len(x)
+                    batch["input_ids"][i, :n] = x
+                    batch["labels"][i, :n] = lab
+                    batch["position_ids"][i, :n] = pos
+                    batch["position_ids"][i, n:] = np.arange(width - n)  # padding: a segment of its own
+        else:
             for f in features:
-                pos = self._positions(f)
-                lab = [-100 if p == 0 else int(x) for x, p in zip(f["labels"], pos)]
-                ids.extend(int(x) for x in f["input_ids"])
-                labels.extend(lab)
-                positions.extend(int(p) for p in pos)
-            return {
-                "input_ids": torch.tensor([ids], dtype=torch.long),
-                "labels": torch.tensor([labels], dtype=torch.long),
-                "position_ids": torch.tensor([positions], dtype=torch.long),
-            }
-        for f in features:
-            lengths = f.get("seq_lengths")
-            if lengths is not None and len(lengths) > 1:
-                raise ValueError(
-                    "packed rows need padding_free=True: an attention_mask cannot keep packed examples apart"
-                )
-        width = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(features), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(features), width), dtype=torch.long)
-        for i, f in enumerate(features):
-            n = len(f["input_ids"])
-            input_ids[i, :n] = torch.tensor(list(f["input_ids"]), dtype=torch.long)
-            labels[i, :n] = torch.tensor(list(f["labels"]), dtype=torch.long)
-            mask[i, :n] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+                lengths = f.get("seq_lengths")
+                if lengths is not None and len(lengths) > 1:
+                    raise ValueError(
+                        "packed rows need padding_free=True: an attention_mask cannot keep packed examples apart"
+                    )
+            width = self._width(max(len(x) for x in ids))
+            batch = {"input_ids": np.full((len(ids), width), self.pad_token_id, dtype=np.int64),
+                     "labels": np.full((len(ids), width), -100, dtype=np.int64),
+                     "attention_mask": np.zeros((len(ids), width), dtype=np.int64)}
+            for i, (x, lab) in enumerate(zip(ids, labels)):
+                batch["input_ids"][i, :len(x)] = x
+                batch["labels"][i, :len(x)] = lab
+                batch["attention_mask"][i, :len(x)] = 1
+        out = {k: torch.from_numpy(v) for k, v in batch.items()}
+        if self.count_tokens:
+            out[NUM_TOKENS_KEY] = torch.tensor(real)
+        return out
 
 
 def count_targets(labels) -> int:
     """Trained targets in a collated batch (labels are unshifted: position 0 of a row is never a target)."""
     return int((labels[..., 1:] != -100).sum().item())
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """``(trainable, total)`` parameters, counting a 4-bit weight by its logical size.
+
+    bitsandbytes stores two 4-bit values per byte, so ``numel()`` of a ``Params4bit`` is half (per byte of its
+    storage dtype) of the weights it holds; counted naively, a QLoRA model looks half its size and the trainable
+    share doubles. Same rule as peft's ``get_nb_trainable_parameters``, for any model.
+    """
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            n *= 2 * param.element_size()
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def peak_memory() -> dict[str, Any]:
+    """Peak memory of this process so far: CUDA allocated and reserved (GiB), or the CPU's peak RSS (GiB)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"device": torch.cuda.get_device_name(),
+                "allocated_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                "reserved_GiB": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
+    import resource
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"device": "cpu", "rss_GiB": round(kib / 2**20, 3)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -283,13 +421,9 @@ def disable_cpu_4bit_repacking(model) -> int:
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """The fingerprint ``sftdata build`` records in the manifest (``sftdata.tokenizer.tokenizer_fingerprint``)."""
-    try:
-        from sftdata.tokenizer import tokenizer_fingerprint as fp
-    except ImportError:  # pragma: no cover - older trees without sftdata.tokenizer
-        h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8"))
-        h.update(repr(sorted(dict(tokenizer.special_tokens_map).items())).encode("utf-8"))
-        return h.hexdigest()
-    return fp(tokenizer)
+    from sftdata.tokenizer import tokenizer_fingerprint as fingerprint
+
+    return fingerprint(tokenizer)
 
 
 def check_tokenizer(manifest: dict[str, Any], tokenizer: Any, *, model_name: str = "the model") -> None:
@@ -325,54 +459,8 @@ def check_tokenizer(manifest: dict[str, Any], tokenizer: Any, *, model_name: str
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Configuration and model loading
+# Model loading
 # --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of :func:`train` (the CLI options map one to one)."""
-
-    method: str = "qlora"  # qlora | lora | full
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: list[str] | str = "all-linear"
-    learning_rate: float | None = None  # None: 2e-4 for (Q)LoRA, 2e-5 for full fine-tuning
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 4  # rows per micro-batch
-    eval_batch_size: int | None = None
-    grad_accum: int = 4
-    warmup: float = 0.03  # ratio of total steps if < 1, else a step count
-    lr_scheduler: str = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    optim: str = "paged_adamw_8bit"  # bitsandbytes runs the paged optimizers unpaged on CPU
-    precision: str = "auto"  # bf16 where supported, fp16 on older GPUs, fp32 on CPU
-    gradient_checkpointing: bool = True
-    padding_free: bool = True
-    eval_steps: int | None = None  # None: evaluate at the end only
-    save_steps: int | None = None  # None: save at the end of each epoch (and at the end)
-    save_total_limit: int | None = 2
-    logging_steps: int = 1
-    seed: int = 42
-    attn_implementation: str | None = "sdpa"
-    allow_tokenizer_mismatch: bool = False
-    double_quant: bool = True
-    quant_type: str = "nf4"
-
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise TrainError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
-        if self.precision not in PRECISIONS:
-            raise TrainError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        if self.lora_r <= 0 and self.method != "full":
-            raise TrainError("--lora-r must be positive")
-        if self.batch_size <= 0 or self.grad_accum <= 0:
-            raise TrainError("--batch-size and --grad-accum must be positive")
-        if self.max_steps <= 0 and self.epochs <= 0:
-            raise TrainError("give --epochs > 0 or --max-steps > 0")
 
 
 def resolve_precision(precision: str) -> str:
@@ -405,6 +493,7 @@ def _target_modules(target_modules: list[str] | str) -> list[str] | str:
 def load_base_model(model_path: str, method: str, precision: str, *, attn_implementation: str | None = "sdpa",
                     double_quant: bool = True, quant_type: str = "nf4"):
     """Load the base model as ``method`` trains it: NF4 4-bit (``qlora``), 16-bit or fp32 (``lora``, ``full``)."""
+    quiet_library_loggers()
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -427,10 +516,11 @@ def load_base_model(model_path: str, method: str, precision: str, *, attn_implem
     elif method == "lora":
         kwargs["device_map"] = device_map
     else:
-        # full fine-tuning keeps fp32 master weights; bf16/fp16 only as autocast (the 16 bytes/param recipe)
+        # full fine-tuning keeps fp32 master weights; bf16/fp16 only as autocast
         kwargs["dtype"] = torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+        with quiet_library_warnings():
+            model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     except OSError as e:
         raise TrainError(f"cannot load model {model_path!r}: {str(e).splitlines()[0]}") from None
     model.config.use_cache = False  # a cache disables the position_ids block-diagonal mask
@@ -474,22 +564,60 @@ def apply_build_template(tokenizer: Any, manifest: dict[str, Any]) -> str | None
     return template
 
 
-def end_of_turn_ids(tokenizer: Any, manifest: dict[str, Any]) -> list[int]:
-    """EOS ids for generation: the tokenizer's EOS plus the template's end-of-turn token (GUIDE §3.5)."""
+def generation_eos_ids(manifest: dict[str, Any], tokenizer: Any) -> list[int]:
+    """Token ids that must stop generation: every id that ends a trained turn, then the tokenizer's EOS.
+
+    From ``manifest["template"]["end_of_turn_ids"]`` when the build recorded it (e.g. ``<|eot_id|>`` and
+    ``<|eom_id|>``, or gpt-oss ``<|return|>`` and ``<|call|>``), template ids first, de-duplicated. Older manifests:
+    the tokenizer's EOS plus the template's ``end_of_turn`` string when it is a single token.
+    """
+    template = manifest.get("template") or {}
     ids: list[int] = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    eot = (manifest.get("template") or {}).get("end_of_turn")
-    if eot:
-        eot_ids = tokenizer.encode(eot, add_special_tokens=False)
-        if len(eot_ids) == 1 and eot_ids[0] not in ids:
-            ids.append(int(eot_ids[0]))
-    return ids
+    if template.get("end_of_turn_ids") is not None:
+        ids.extend(int(i) for i in template["end_of_turn_ids"])
+        if tokenizer.eos_token_id is not None:
+            ids.append(int(tokenizer.eos_token_id))
+    else:
+        if tokenizer.eos_token_id is not None:
+            ids.append(int(tokenizer.eos_token_id))
+        eot = template.get("end_of_turn")
+        if eot:
+            eot_ids = tokenizer.encode(eot, add_special_tokens=False)
+            if len(eot_ids) == 1:
+                ids.append(int(eot_ids[0]))
+    return list(dict.fromkeys(ids))
+
+
+def end_of_turn_ids(tokenizer: Any, manifest: dict[str, Any]) -> list[int]:
+    """Deprecated spelling of :func:`generation_eos_ids` (argument order swapped)."""
+    return generation_eos_ids(manifest, tokenizer)
+
+
+def save_generation_config(output: str | Path, base_model: str, tokenizer: Any, manifest: dict[str, Any]) -> None:
+    """Write ``generation_config.json``: the base model's, with ``eos_token_id`` = :func:`generation_eos_ids`."""
+    from transformers import GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(base_model)
+    except OSError:
+        gen = GenerationConfig()
+    eos = generation_eos_ids(manifest, tokenizer)
+    if eos:
+        gen.eos_token_id = eos if len(eos) > 1 else eos[0]
+    if tokenizer.pad_token_id is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    gen.save_pretrained(str(output))
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Trainer pieces
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}"
 
 
 def _trainer_classes():
@@ -498,14 +626,17 @@ def _trainer_classes():
     from transformers import Trainer, TrainerCallback
 
     class SFTDataTrainer(Trainer):
-        """``Trainer`` with the all-masked-batch guard and a token-weighted eval loss / perplexity."""
+        """``Trainer`` with the all-masked-batch guard, token counters and a token-weighted eval loss."""
 
         skipped_empty_batches = 0
         targets_seen = 0
+        tokens_seen = 0
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            real = inputs.pop(NUM_TOKENS_KEY, None)
             labels = inputs.get("labels")
             if labels is not None and model.training:
+                self.tokens_seen += int(real) if real is not None else int(labels.numel())
                 n = count_targets(labels)
                 if n == 0:
                     # every label is -100: the model's loss would be 0/0 = NaN. Contribute exactly nothing.
@@ -525,11 +656,13 @@ def _trainer_classes():
             total, count, start = 0.0, 0, time.time()
             with torch.no_grad():
                 for batch in dataloader:
+                    batch.pop(NUM_TOKENS_KEY, None)
                     batch = self._prepare_inputs(batch)
                     labels = batch.pop("labels")
                     if count_targets(labels) == 0:
                         continue
-                    logits = model(**batch, use_cache=False).logits.float()
+                    with self.compute_loss_context_manager():
+                        logits = model(**batch, use_cache=False).logits.float()
                     shifted = labels[..., 1:].reshape(-1).to(logits.device)
                     total += torch.nn.functional.cross_entropy(
                         logits[..., :-1, :].reshape(-1, logits.shape[-1]), shifted, ignore_index=-100, reduction="sum"
@@ -549,6 +682,41 @@ def _trainer_classes():
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
             return metrics
 
+    class PlainLogCallback(TrainerCallback):
+        """One plain line per logging step and per evaluation, flushed at once (for log files, nohup, Slurm)."""
+
+        def __init__(self, trainer, write):
+            self.trainer, self.write = trainer, write
+            self.start_time = self.start_step = None
+            self.last_time, self.last_tokens = None, 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start_time = self.last_time = time.time()
+            self.start_step = state.global_step
+            self.last_tokens = self.trainer.tokens_seen
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or not state.is_world_process_zero:
+                return
+            if "loss" in logs:
+                now = time.time()
+                tokens = self.trainer.tokens_seen
+                rate = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+                self.last_time, self.last_tokens = now, tokens
+                done = state.global_step - self.start_step
+                eta = (now - self.start_time) / done * (state.max_steps - state.global_step) if done else 0.0
+                parts = [f"step {state.global_step}/{state.max_steps}", f"loss {logs['loss']:.4f}"]
+                if logs.get("learning_rate") is not None:
+                    parts.append(f"lr {logs['learning_rate']:.3e}")
+                if logs.get("grad_norm") is not None:
+                    parts.append(f"grad_norm {logs['grad_norm']:.4f}")
+                parts += [f"tokens/s {rate:,.0f}", f"eta {_fmt_duration(eta)}"]
+                self.write("  ".join(parts))
+            if "eval_loss" in logs:
+                self.write(f"eval step {state.global_step}: loss {logs['eval_loss']:.4f}  "
+                           f"perplexity {logs.get('eval_perplexity', float('nan')):.3f}  "
+                           f"({logs.get('eval_tokens', 0):,} tokens)")
+
     class RichProgressCallback(TrainerCallback):
         """A rich progress bar with the running loss / learning rate, and eval results as they come."""
 
@@ -556,7 +724,6 @@ def _trainer_classes():
             self.console = console
             self.progress = None
             self.task = None
-            self.last: dict[str, float] = {}
 
         def on_train_begin(self, args, state, control, **kwargs):
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
@@ -579,14 +746,14 @@ def _trainer_classes():
             if self.progress is None or not logs:
                 return
             if "loss" in logs:
-                self.last = logs
                 lr = logs.get("learning_rate")
                 info = f"loss {logs['loss']:.4f}" + (f"  lr {lr:.2e}" if lr is not None else "")
                 self.progress.update(self.task, info=info)
             if "eval_loss" in logs:
                 self.progress.console.print(
-                    f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}  "
-                    f"perplexity {logs.get('eval_perplexity', float('nan')):.2f}  ({logs.get('eval_tokens', 0)} tokens)"
+                    f"eval step {state.global_step}: loss {logs['eval_loss']:.4f}  "
+                    f"perplexity {logs.get('eval_perplexity', float('nan')):.3f}  "
+                    f"({logs.get('eval_tokens', 0):,} tokens)"
                 )
 
         def on_train_end(self, args, state, control, **kwargs):
@@ -595,7 +762,7 @@ def _trainer_classes():
                 self.progress.stop()
                 self.progress = None
 
-    return SFTDataTrainer, RichProgressCallback
+    return SFTDataTrainer, RichProgressCallback, PlainLogCallback
 
 
 @dataclass
@@ -619,35 +786,45 @@ class TrainResult:
     targets_per_s: float
     log_history: str
     resumed_from: str | None = None
+    tokens_seen: int = 0
+    tokens_per_s: float = 0.0
+    best_step: int | None = None
+    best_eval_loss: float | None = None
+    stopped_early: bool = False
+    peak_memory: dict[str, Any] = field(default_factory=dict)
+    memory_estimate_GiB: float | None = None
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _training_arguments(cfg: TrainConfig, output: Path, precision: str, has_eval: bool, progress: bool):
+def _training_arguments(cfg: TrainConfig, output: Path, precision: str, has_eval: bool, learning_rate: float):
     import dataclasses
 
     import torch
     from transformers import TrainingArguments
 
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    early = cfg.early_stopping_patience is not None
+    save_steps = cfg.save_steps or (cfg.eval_steps if early else None)
+    trackers = cfg.trackers()
     kwargs: dict[str, Any] = dict(
         output_dir=str(output),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size or cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.learning_rate if cfg.learning_rate is not None else (2e-5 if cfg.method == "full" else 2e-4),
+        learning_rate=learning_rate,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps if cfg.max_steps and cfg.max_steps > 0 else -1,
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup,
         weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
+        max_grad_norm=cfg.resolved_max_grad_norm(),
         optim=cfg.optim,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
-        save_strategy="steps" if cfg.save_steps else "epoch",
+        save_strategy="steps" if save_steps else "epoch",
         save_total_limit=cfg.save_total_limit,
         eval_strategy="steps" if (has_eval and cfg.eval_steps) else "no",
         seed=cfg.seed,
@@ -656,15 +833,19 @@ def _training_arguments(cfg: TrainConfig, output: Path, precision: str, has_eval
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=False,
-        report_to="none",
+        report_to=trackers or "none",
+        run_name=cfg.run_name or output.name,
         disable_tqdm=True,
         dataloader_num_workers=0,
         label_names=["labels"],
     )
-    if cfg.save_steps:
-        kwargs["save_steps"] = cfg.save_steps
+    if save_steps:
+        kwargs["save_steps"] = save_steps
     if has_eval and cfg.eval_steps:
         kwargs["eval_steps"] = cfg.eval_steps
+    if early:
+        kwargs.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
+    # transformers renamed gradient_checkpointing to activation_checkpointing (both exist in recent 5.x)
     ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     kwargs[ckpt] = cfg.gradient_checkpointing
     kwargs[ckpt + "_kwargs"] = {"use_reentrant": False} if cfg.gradient_checkpointing else None
@@ -673,19 +854,105 @@ def _training_arguments(cfg: TrainConfig, output: Path, precision: str, has_eval
     return TrainingArguments(**{k: v for k, v in kwargs.items() if k in fields})
 
 
-def _find_resume(output: Path, resume: bool | str | None) -> str | None:
-    if not resume:
-        return None
-    if isinstance(resume, str) and resume not in ("true", "last", "latest"):
-        if not Path(resume).is_dir():
-            raise TrainError(f"--resume {resume}: no such checkpoint directory")
-        return resume
-    from transformers.trainer_utils import get_last_checkpoint
+def _check_trackers(cfg: TrainConfig) -> None:
+    import importlib.util
 
-    last = get_last_checkpoint(str(output)) if output.is_dir() else None
-    if last is None:
-        raise TrainError(f"--resume: no checkpoint-* directory in {output}")
-    return last
+    for name in cfg.trackers():
+        modules = ("tensorboard", "tensorboardX") if name == "tensorboard" else (name,)
+        if not any(importlib.util.find_spec(m) for m in modules):
+            raise TrainError(f"--report-to {name}: the {TRACKER_PACKAGES[name]} package is not installed; "
+                             f"pip install 'sftdata[{name}]'")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The output directory belongs to one run
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run_identity(cfg: TrainConfig, manifest: dict[str, Any], model_path: str) -> dict[str, Any]:
+    """What a checkpoint must share with the run that resumes it: the data, the base model, the adapter's shape."""
+    base = Path(model_path)
+    identity = {
+        "dataset_fingerprint": manifest.get("fingerprint"),
+        "base_model": str(base.resolve()) if base.exists() else model_path,
+        "method": cfg.method,
+    }
+    if cfg.method != "full":
+        identity.update(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.target_modules,
+                        use_dora=cfg.use_dora, use_rslora=cfg.use_rslora)
+    if cfg.method == "qlora":
+        identity.update(quant_type=cfg.quant_type, double_quant=cfg.double_quant)
+    return identity
+
+
+def _checkpoints(output: Path) -> list[Path]:
+    if not output.is_dir():
+        return []
+    found = [p for p in output.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")
+             and p.name.removeprefix("checkpoint-").isdigit()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("checkpoint-")))
+
+
+def _is_train_output(output: Path) -> bool:
+    markers = (RUN_INFO, TRAIN_INFO, "trainer_state.json", "adapter_config.json")
+    return bool(_checkpoints(output)) or any((output / m).exists() for m in markers)
+
+
+def prepare_output_dir(output: Path, identity: dict[str, Any], *, resume: bool | str | None,
+                       overwrite: bool) -> str | None:
+    """Check that ``output`` may receive this run; return the checkpoint to resume from (or ``None``).
+
+    A fresh run needs an empty or missing directory (``overwrite`` first deletes an earlier ``sftdata train``
+    output, never other files). ``resume=True`` continues from the last ``checkpoint-*`` in ``output`` only when
+    ``sftdata_run.json`` there records the same data, base model and adapter shape; a checkpoint path given
+    explicitly is used as named.
+    """
+    named = isinstance(resume, str) and resume not in ("true", "last", "latest")
+    if resume and overwrite:
+        raise TrainError("--resume and --overwrite contradict each other: resume keeps the checkpoints, "
+                         "overwrite deletes them")
+    if named:
+        path = Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            raise TrainError(f"--resume {resume}: not a checkpoint directory (no trainer_state.json)")
+        return str(path)
+    if resume:
+        checkpoints = _checkpoints(output)
+        if not checkpoints:
+            raise TrainError(f"--resume: no checkpoint-* directory in {output}")
+        recorded = _read_json(output / RUN_INFO)
+        if recorded != identity:
+            if recorded is None:
+                why = f"it has no {RUN_INFO} (written by an older sftdata or another tool)"
+            else:
+                diff = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in identity.items()
+                        if recorded.get(k) != v]
+                why = "; ".join(diff)
+            raise TrainError(
+                f"--resume: the checkpoints in {output} belong to another run ({why}). Resume with that run's data "
+                f"and model, name a checkpoint to continue from it anyway (--resume {checkpoints[-1]}), or start "
+                "over with --overwrite"
+            )
+        return str(checkpoints[-1])
+    if output.exists() and not output.is_dir():
+        raise TrainError(f"--output {output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            held = [p.name for p in _checkpoints(output)][-3:]
+            what = f"checkpoints {', '.join(held)} of an earlier run" if held else "files"
+            raise TrainError(f"--output {output} is not empty (it holds {what}); pass --resume to continue that "
+                             "run, --overwrite to replace it, or choose another --output")
+        if not _is_train_output(output):
+            raise TrainError(f"--overwrite: {output} is not an sftdata train output; refusing to delete its files")
+        shutil.rmtree(output)
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass
@@ -705,7 +972,23 @@ class Prepared:
     eval_split: SplitData | None
     trainable_params: int
     total_params: int
+    learning_rate: float
     notes: list[str]
+    memory_estimate_bytes: float | None = None  # sftdata.memory's peak for this run (None: not a Llama-style model)
+
+
+def _as_config(config: TrainConfig | None, overrides: dict[str, Any]) -> TrainConfig:
+    cfg = config or TrainConfig()
+    if overrides:
+        unknown = sorted(set(overrides) - set(asdict(cfg)))
+        if unknown:
+            raise TrainError(f"unknown training option(s) {', '.join(unknown)}")
+        cfg = TrainConfig(**{**asdict(cfg), **overrides})
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    return cfg
 
 
 def prepare_trainer(
@@ -715,18 +998,18 @@ def prepare_trainer(
     *,
     tokenizer: str | None = None,
     config: TrainConfig | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
     console: Any = None,
     **overrides: Any,
 ) -> Prepared:
-    """Check the data against the model, load the model as ``config.method`` trains it, build the ``Trainer``."""
-    cfg = config or TrainConfig()
-    if overrides:
-        cfg = TrainConfig(**{**asdict(cfg), **overrides})
-    cfg.validate()
-    require_train_deps(cfg.method)
+    """Check the data against the model, load the model as ``config.method`` trains it, build the ``Trainer``.
 
-    import torch
+    ``progress``: ``"bar"`` (a rich progress bar), ``"plain"`` (one flushed line per logging step), ``"none"``,
+    or ``"auto"``/``True`` (the bar on a terminal, plain lines otherwise); ``False`` is ``"none"``.
+    """
+    cfg = _as_config(config, overrides)
+    require_train_deps(cfg.method)
+    _check_trackers(cfg)
 
     data_dir, output, model_path = Path(data_dir), Path(output), str(model)
     manifest = read_manifest(data_dir)
@@ -746,15 +1029,22 @@ def prepare_trainer(
     if not template:
         notes.append("the manifest has no chat template (raw-text data); the tokenizer's own template is kept")
 
-    train_split = load_split(data_dir, manifest, "train")
+    train_split = load_split(data_dir, "train")
     if train_split is None or train_split.rows == 0:
         raise TrainError(f"{data_dir} has no train rows with a trained token")
-    eval_split = load_split(data_dir, manifest, "validation")
+    eval_split = load_split(data_dir, "validation")
     if train_split.dropped_no_target:
         notes.append(f"dropped {train_split.dropped_no_target} train rows without a trained token")
     if train_split.packed and not cfg.padding_free:
         raise TrainError("packed data needs padding-free batches (an attention_mask would let packed examples "
                          "attend to each other); drop --no-padding-free or rebuild without --pack")
+    if cfg.early_stopping_patience is not None:
+        if eval_split is None or not cfg.eval_steps:
+            raise TrainError("--early-stopping-patience needs a validation split (sftdata build --eval-fraction) "
+                             "and --eval-steps N")
+        if cfg.save_steps and cfg.save_steps % cfg.eval_steps:
+            raise TrainError(f"--early-stopping-patience keeps the best checkpoint, so --save-steps "
+                             f"({cfg.save_steps}) must be a multiple of --eval-steps ({cfg.eval_steps})")
 
     from transformers import AutoConfig
 
@@ -767,41 +1057,160 @@ def prepare_trainer(
     if vocab is not None and max_id >= vocab:
         raise TrainError(f"the data uses token id {max_id} but {model_path} has only {vocab} embeddings")
 
+    import torch
+
+    mode = _progress_mode(progress, console)
     precision = resolve_precision(cfg.precision)
+    if mode != "none":  # loading a large model takes minutes: say so before it starts
+        _writer(mode, console)(f"sftdata train: loading {model_path} for {cfg.method} ({precision}); "
+                               f"{train_split.rows:,} train rows")
     torch.manual_seed(cfg.seed)
-    net = load_base_model(model_path, cfg.method, precision, attn_implementation=cfg.attn_implementation,
-                          double_quant=cfg.double_quant, quant_type=cfg.quant_type)
-    if cfg.method in ("qlora", "lora"):
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    with _quiet_progress_bars(mode != "bar"):
+        net = load_base_model(model_path, cfg.method, precision, attn_implementation=cfg.attn_implementation,
+                              double_quant=cfg.double_quant, quant_type=cfg.quant_type)
+    with quiet_library_warnings():
+        if cfg.method in ("qlora", "lora"):
+            from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-        if cfg.method == "qlora":
-            # fp32 norms/embeddings, frozen base; the Trainer turns activation checkpointing on itself
-            net = prepare_model_for_kbit_training(net, use_gradient_checkpointing=False)
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=_target_modules(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
-        net = get_peft_model(net, lora)
-        if cfg.gradient_checkpointing:
-            net.enable_input_require_grads()
-    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in net.parameters())
+            if cfg.method == "qlora":
+                # fp32 norms/embeddings, frozen base; the Trainer turns activation checkpointing on itself
+                net = prepare_model_for_kbit_training(net, use_gradient_checkpointing=False)
+            lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              target_modules=_target_modules(cfg.target_modules), bias="none",
+                              task_type="CAUSAL_LM", use_dora=cfg.use_dora, use_rslora=cfg.use_rslora)
+            net = get_peft_model(net, lora)
+            if cfg.gradient_checkpointing:
+                net.enable_input_require_grads()
+    trainable, total = count_parameters(net)
+    learning_rate = cfg.resolved_learning_rate(total - trainable if cfg.method != "full" else total)
 
-    args = _training_arguments(cfg, output, precision, eval_split is not None, progress)
-    SFTDataTrainer, RichProgressCallback = _trainer_classes()
-    collator = SFTDataCollator(padding_free=cfg.padding_free,
+    args = _training_arguments(cfg, output, precision, eval_split is not None, learning_rate)
+    SFTDataTrainer, RichProgressCallback, PlainLogCallback = _trainer_classes()
+    flatten = (cfg.attn_implementation or "").startswith("flash_attention")
+    collator = SFTDataCollator(padding_free=cfg.padding_free, flatten=flatten, count_tokens=True,
                                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
-    trainer = SFTDataTrainer(model=net, args=args, train_dataset=train_split.dataset,
-                             eval_dataset=eval_split.dataset if eval_split else None,
-                             data_collator=collator, processing_class=tok)
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    with quiet_library_warnings():
+        trainer = SFTDataTrainer(model=net, args=args, train_dataset=train_split.dataset,
+                                 eval_dataset=eval_split.dataset if eval_split else None,
+                                 data_collator=collator, processing_class=tok)
+    from transformers.trainer_callback import EarlyStoppingCallback, PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    if progress:
+    if mode == "bar":
         trainer.add_callback(RichProgressCallback(console=console))
+    elif mode == "plain":
+        trainer.add_callback(PlainLogCallback(trainer, _plain_writer(console)))
+    if cfg.early_stopping_patience is not None:
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience,
+                                                   early_stopping_threshold=cfg.early_stopping_threshold))
     return Prepared(trainer=trainer, tokenizer=tok, tokenizer_source=tok_source, manifest=manifest, config=cfg,
                     precision=precision, model_path=model_path, output=output, data_dir=data_dir,
                     train_split=train_split, eval_split=eval_split, trainable_params=trainable, total_params=total,
-                    notes=notes)
+                    learning_rate=learning_rate, notes=notes,
+                    memory_estimate_bytes=_memory_estimate(model_config, cfg, precision, train_split, flatten))
+
+
+def _memory_estimate(model_config, cfg: TrainConfig, precision: str, split: SplitData, flatten: bool):
+    """``sftdata memory``'s peak for this run (the longest row as the row length), or None where it does not apply."""
+    import torch
+
+    from sftdata.memory import Architecture, Workload, estimate
+
+    try:
+        arch = Architecture.from_config(model_config)
+        work = Workload(batch_size=cfg.batch_size, seq_len=split.max_row_tokens, compute=precision,
+                        device="cuda" if torch.cuda.is_available() else "cpu",
+                        gradient_checkpointing=cfg.gradient_checkpointing, packed=split.packed, flatten=flatten)
+        return estimate(arch, cfg.method, work, lora_r=cfg.lora_r, target_modules=_target_modules(cfg.target_modules),
+                        lora_dropout=cfg.lora_dropout, optim=cfg.optim, double_quant=cfg.double_quant).peak_bytes
+    except (ValueError, KeyError, TypeError):  # not a Llama-style decoder, or an optimizer the model leaves out
+        return None
+
+
+def _progress_mode(progress: bool | str, console: Any) -> str:
+    if progress is False or progress == "none":
+        return "none"
+    if progress in ("bar", "plain"):
+        return progress
+    if progress not in (True, "auto"):
+        raise TrainError(f"progress must be auto, bar, plain or none, not {progress!r}")
+    if console is not None:
+        return "bar" if console.is_terminal else "plain"
+    return "bar" if sys.stdout.isatty() else "plain"
+
+
+def _writer(mode: str, console: Any):
+    """Where start-up lines go: flushed plain lines, or the rich console next to the progress bar."""
+    if mode == "plain":
+        return _plain_writer(console)
+    return console.print if console is not None else print
+
+
+def _plain_writer(console: Any):
+    if console is not None and not console.is_terminal:
+        file = console.file
+
+        def write(line: str) -> None:
+            file.write(line + "\n")
+            file.flush()
+
+        return write
+
+    def write_stdout(line: str) -> None:
+        print(line, flush=True)
+
+    return write_stdout
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars(quiet: bool) -> Iterator[None]:
+    """transformers' "Loading weights" bars are useful on a terminal, noise (carriage returns) in a log file."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def startup_line(p: Prepared) -> str:
+    """One line saying what the run will do: rows, trained tokens, steps, trainable parameters, effective batch."""
+    cfg, args = p.config, p.trainer.args
+    world = max(getattr(args, "world_size", 1), 1)
+    effective = cfg.batch_size * cfg.grad_accum * world
+    split = p.train_split
+    steps = args.max_steps if args.max_steps > 0 else None
+    if steps is None:
+        per_epoch = math.ceil(math.ceil(split.rows / (cfg.batch_size * world)) / cfg.grad_accum)
+        steps = math.ceil(per_epoch * cfg.epochs)
+    device = "cuda" if _cuda() else "cpu"
+    parts = [
+        f"sftdata train: {split.rows:,} rows ({split.tokens:,} tokens, {split.targets:,} trained)"
+        + (f", {split.dropped_no_target:,} dropped without a trained token" if split.dropped_no_target else ""),
+        f"{steps:,} steps × {effective} rows ({cfg.batch_size} per micro-batch × {cfg.grad_accum} accumulation"
+        + (f" × {world} devices" if world > 1 else "") + ")",
+        f"trainable {p.trainable_params:,} of {p.total_params:,} parameters "
+        f"({100 * p.trainable_params / max(p.total_params, 1):.3f}%)",
+        f"{cfg.method} on {device} {p.precision}, lr {p.learning_rate:g}",
+    ]
+    if p.eval_split is not None:
+        parts.append(f"validation {p.eval_split.rows:,} rows")
+    if p.memory_estimate_bytes:
+        parts.append(f"estimated peak memory {p.memory_estimate_bytes / 2**30:.2f} GiB (sftdata memory)")
+    return "; ".join(parts)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def train(
@@ -812,7 +1221,8 @@ def train(
     tokenizer: str | None = None,
     config: TrainConfig | None = None,
     resume: bool | str | None = None,
-    progress: bool = True,
+    overwrite: bool = False,
+    progress: bool | str = True,
     console: Any = None,
     **overrides: Any,
 ) -> TrainResult:
@@ -820,72 +1230,108 @@ def train(
 
     ``config`` (or keyword ``overrides`` of :class:`TrainConfig` fields) chooses QLoRA (default), LoRA on a
     16-bit base, or full fine-tuning. ``output`` receives the adapter (or full model), the tokenizer with the
-    build's chat template, ``trainer_state.json`` (``log_history``), ``checkpoint-*`` directories, and
-    ``sftdata_train.json`` (what was trained on what, and the final metrics). ``resume``: ``True`` continues
-    from the last ``checkpoint-*`` in ``output``, or give a checkpoint directory.
+    build's chat template, ``trainer_state.json`` (``log_history``), ``checkpoint-*`` directories,
+    ``sftdata_run.json`` (what a resume must match) and ``sftdata_train.json`` (what was trained on what, and
+    the final metrics). ``output`` must be empty or missing unless ``overwrite`` (replace an earlier train
+    output) or ``resume`` (``True``: the last ``checkpoint-*`` of the same run in ``output``; or a checkpoint
+    directory). ``progress``: see :func:`prepare_trainer`.
     """
-    import warnings
+    cfg = _as_config(config, overrides)
+    output = Path(output)
+    # refuse a reused output directory before loading anything
+    manifest = read_manifest(data_dir)
+    identity = run_identity(cfg, manifest, str(model))
+    resume_from = prepare_output_dir(output, identity, resume=resume, overwrite=overwrite)
 
-    p = prepare_trainer(data_dir, model, output, tokenizer=tokenizer, config=config, progress=progress,
-                        console=console, **overrides)
-    trainer, tok, manifest, cfg = p.trainer, p.tokenizer, p.manifest, p.config
+    p = prepare_trainer(data_dir, model, output, tokenizer=tokenizer, config=cfg, progress=progress,
+                        console=console)
+    trainer, tok, cfg = p.trainer, p.tokenizer, p.config
     output, data_dir, model_path, notes = p.output, p.data_dir, p.model_path, p.notes
-    tok_source, train_split, eval_split, precision = p.tokenizer_source, p.train_split, p.eval_split, p.precision
-    trainable, total = p.trainable_params, p.total_params
-    resume_from = _find_resume(output, resume)
+    mode = _progress_mode(progress, console)
+    write = _writer(mode, console)
     output.mkdir(parents=True, exist_ok=True)
+    (output / RUN_INFO).write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
+    if mode != "none":
+        write(startup_line(p) + (f"; resuming from {resume_from}" if resume_from else ""))
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     start = time.time()
-    with warnings.catch_warnings():
-        # bitsandbytes runs the paged optimizers unpaged on CPU, and says so once per parameter
-        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    with quiet_library_warnings():
         result = trainer.train(resume_from_checkpoint=resume_from)
-    runtime = time.time() - start
-    eval_metrics = trainer.evaluate() if eval_split is not None else {}
-
-    trainer.save_model(str(output))
-    notes += save_tokenizer(tok, output, source=tok_source)
+        runtime = time.time() - start
+        eval_metrics = _final_eval(trainer, cfg) if p.eval_split is not None else {}
+        trainer.save_model(str(output))
+    notes += save_tokenizer(tok, output, source=p.tokenizer_source)
     trainer.save_state()  # output/trainer_state.json with log_history
-    _save_generation_config(output, model_path, tok, manifest)
+    save_generation_config(output, model_path, tok, p.manifest)
 
-    history = trainer.state.log_history
+    state = trainer.state
+    history = state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
+    max_steps = state.max_steps
+    stopped_early = cfg.early_stopping_patience is not None and state.global_step < max_steps
+    best_step = getattr(state, "best_global_step", None) if cfg.early_stopping_patience is not None else None
+    if stopped_early:
+        notes.append(f"early stopping at step {state.global_step} of {max_steps}: validation loss did not improve "
+                     f"for {cfg.early_stopping_patience} evaluations; kept the best, step {best_step} "
+                     f"(eval loss {state.best_metric:.4f})")
     res = TrainResult(
         output=str(output),
         method=cfg.method,
-        global_step=trainer.state.global_step,
-        epochs=float(trainer.state.epoch or 0.0),
+        global_step=state.global_step,
+        epochs=float(state.epoch or 0.0),
         train_loss=float(result.training_loss) if result.training_loss is not None else None,
         first_loss=losses[0] if losses else None,
         last_loss=losses[-1] if losses else None,
         eval_loss=eval_metrics.get("eval_loss"),
         eval_perplexity=eval_metrics.get("eval_perplexity"),
-        trainable_params=trainable,
-        total_params=total,
-        train_rows=train_split.rows,
-        dropped_rows=train_split.dropped_no_target,
+        trainable_params=p.trainable_params,
+        total_params=p.total_params,
+        train_rows=p.train_split.rows,
+        dropped_rows=p.train_split.dropped_no_target,
         targets_seen=trainer.targets_seen,
         skipped_empty_batches=trainer.skipped_empty_batches,
         runtime_s=round(runtime, 3),
         targets_per_s=round(trainer.targets_seen / runtime, 2) if runtime > 0 else 0.0,
         log_history=str(output / "trainer_state.json"),
         resumed_from=resume_from,
+        tokens_seen=trainer.tokens_seen,
+        tokens_per_s=round(trainer.tokens_seen / runtime, 2) if runtime > 0 else 0.0,
+        best_step=best_step,
+        best_eval_loss=state.best_metric if cfg.early_stopping_patience is not None else None,
+        stopped_early=stopped_early,
+        peak_memory=peak_memory(),
+        memory_estimate_GiB=round(p.memory_estimate_bytes / 2**30, 3) if p.memory_estimate_bytes else None,
         notes=notes,
     )
     info = {
         "format": "sftdata-train/1",
-        "base_model": str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
+        "base_model": identity["base_model"],
         "method": cfg.method,
-        "precision": precision,
+        "precision": p.precision,
         "config": asdict(cfg),
+        "learning_rate": p.learning_rate,
         "data_dir": str(data_dir.resolve()),
-        "dataset_fingerprint": manifest.get("fingerprint"),
-        "template": {k: (manifest.get("template") or {}).get(k) for k in ("name", "sha256", "end_of_turn")},
-        "tokenizer": {"name_or_path": (manifest.get("tokenizer") or {}).get("name_or_path"),
+        "dataset_fingerprint": p.manifest.get("fingerprint"),
+        "template": {k: (p.manifest.get("template") or {}).get(k)
+                     for k in ("name", "sha256", "end_of_turn", "end_of_turn_ids")},
+        "tokenizer": {"name_or_path": (p.manifest.get("tokenizer") or {}).get("name_or_path"),
                       "sha256": tokenizer_fingerprint(tok)},
         "result": res.to_dict(),
     }
     (output / TRAIN_INFO).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
     return res
+
+
+def _final_eval(trainer, cfg: TrainConfig) -> dict[str, Any]:
+    """Validation metrics of the model being saved: those of an evaluation at the last step when there was one
+    (and no earlier best checkpoint was loaded back), else a new evaluation."""
+    last = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if last and last[-1].get("step") == trainer.state.global_step and cfg.early_stopping_patience is None:
+        return last[-1]
+    return trainer.evaluate()
 
 
 def save_tokenizer(tokenizer: Any, output: Path, *, source: str | None = None) -> list[str]:
@@ -936,20 +1382,6 @@ def save_tokenizer(tokenizer: Any, output: Path, *, source: str | None = None) -
     )
 
 
-def _save_generation_config(output: Path, model_path: str, tok: Any, manifest: dict[str, Any]) -> None:
-    from transformers import GenerationConfig
-
-    try:
-        gen = GenerationConfig.from_pretrained(model_path)
-    except OSError:
-        gen = GenerationConfig()
-    eos = end_of_turn_ids(tok, manifest)
-    if eos:
-        gen.eos_token_id = eos if len(eos) > 1 else eos[0]
-    if tok.pad_token_id is not None:
-        gen.pad_token_id = tok.pad_token_id
-    gen.save_pretrained(str(output))
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Merge
@@ -967,7 +1399,8 @@ def load_adapter_model(adapter_dir: str | Path, *, base_model: str | None = None
     model = load_base_model(base, info["method"], info.get("precision", "fp32"),
                             double_quant=info["config"].get("double_quant", True),
                             quant_type=info["config"].get("quant_type", "nf4"))
-    return PeftModel.from_pretrained(model, str(adapter_dir))
+    with quiet_library_warnings():
+        return PeftModel.from_pretrained(model, str(adapter_dir))
 
 
 def _train_info(adapter_dir: Path) -> dict[str, Any]:
@@ -987,8 +1420,6 @@ def merge(adapter_dir: str | Path, output: str | Path, *, base_model: str | None
     to NF4 and drifts.) ``dtype``: ``auto`` keeps the base checkpoint's dtype; or ``fp32``/``bf16``/``fp16``.
     """
     require_train_deps("lora")
-    import shutil
-
     import torch
     from peft import PeftModel
     from transformers import AutoConfig, GenerationConfig
@@ -1004,7 +1435,8 @@ def merge(adapter_dir: str | Path, output: str | Path, *, base_model: str | None
         model = model.dequantize(dtype=torch.float32)
     else:
         model = load_base_model(base, "lora", "fp32")
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    with quiet_library_warnings():
+        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     if dtype == "auto":
         base_dtype = getattr(AutoConfig.from_pretrained(base), "dtype", None)
         target = base_dtype if isinstance(base_dtype, torch.dtype) else (
@@ -1016,7 +1448,8 @@ def merge(adapter_dir: str | Path, output: str | Path, *, base_model: str | None
         del merged.config.quantization_config
     merged.config.use_cache = True
     output.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(output))
+    with quiet_library_warnings():
+        merged.save_pretrained(str(output))
     # copy, do not re-save: a save/load round trip can change a tokenizer (see save_tokenizer)
     for name in TOKENIZER_FILES:
         if (adapter_dir / name).is_file():
@@ -1034,19 +1467,27 @@ def main_summary(result: TrainResult) -> list[tuple[str, str]]:
     def f(x, spec=".4f"):
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
+    resumed = f" (resumed from {Path(result.resumed_from).name})" if result.resumed_from else ""
     rows = [
         ("method", result.method),
-        ("steps", str(result.global_step) + (f" (resumed from {Path(result.resumed_from).name})" if result.resumed_from else "")),
+        ("steps", str(result.global_step) + resumed + (" (stopped early)" if result.stopped_early else "")),
         ("epochs", f(result.epochs, ".2f")),
         ("train loss (first → last logged)", f"{f(result.first_loss)} → {f(result.last_loss)}"),
         ("train loss (mean over run)", f(result.train_loss)),
         ("eval loss", f(result.eval_loss)),
         ("eval perplexity", f(result.eval_perplexity, ".3f")),
+    ]
+    if result.best_step is not None:
+        rows.append(("best checkpoint (kept)", f"step {result.best_step}, eval loss {f(result.best_eval_loss)}"))
+    rows += [
         ("trainable params", f"{result.trainable_params:,} of {result.total_params:,} "
                              f"({100 * result.trainable_params / max(result.total_params, 1):.3f}%)"),
-        ("train rows", f"{result.train_rows:,}" + (f" ({result.dropped_rows} dropped: no trained token)" if result.dropped_rows else "")),
-        ("trained tokens (this run)", f"{result.targets_seen:,}"),
-        ("throughput", f"{result.targets_per_s:,.1f} trained tokens/s"),
+        ("train rows", f"{result.train_rows:,}" + (f" ({result.dropped_rows} dropped: no trained token)"
+                                                   if result.dropped_rows else "")),
+        ("tokens (this run)", f"{result.tokens_seen:,} ({result.targets_seen:,} trained)"),
+        ("throughput", f"{result.tokens_per_s:,.1f} tokens/s ({result.targets_per_s:,.1f} trained tokens/s)"),
+        ("peak memory", _peak_text(result.peak_memory) + (f"; estimated {result.memory_estimate_GiB:.2f} GiB"
+                                                            if result.memory_estimate_GiB else "")),
         ("runtime", f"{result.runtime_s:.1f} s"),
         ("saved to", result.output),
         ("loss history", result.log_history),
@@ -1055,3 +1496,11 @@ def main_summary(result: TrainResult) -> list[tuple[str, str]]:
         rows.append(("all-masked micro-batches skipped", str(result.skipped_empty_batches)))
     return rows
 
+
+def _peak_text(peak: dict[str, Any]) -> str:
+    if not peak:
+        return "-"
+    if "allocated_GiB" in peak:
+        return (f"{peak['allocated_GiB']:.2f} GiB allocated, {peak['reserved_GiB']:.2f} GiB reserved "
+                f"({peak['device']})")
+    return f"{peak['rss_GiB']:.2f} GiB peak RSS (cpu, whole process)"

@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sftdata.policy import HistoryDecision, expand_for_history_policy, plan_history_policy
+from sftdata.policy import HistoryDecision, plan_history_policy
 from sftdata.record import Message, Record
-from sftdata.render import ESCAPE_CHAR, IGNORE_INDEX, EncodeOptions, Encoder
+from sftdata.render import IGNORE_INDEX, EncodeOptions, Encoder, Refused
 from sftdata.templates import ChatTemplate, load_template
-from sftdata.tokenizer import special_token_strings
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 INVARIANT_CHECKS = ("serving-prefix", "history", "exact-masks", "special-tokens")
@@ -49,14 +48,40 @@ INVARIANT_CHECKS = ("serving-prefix", "history", "exact-masks", "special-tokens"
 
 @dataclass(frozen=True)
 class Case:
-    """One suite conversation. ``core`` cases are ordinary data that must encode; edge cases may be refused."""
+    """One suite conversation. ``core`` cases are ordinary data that must encode; edge cases may be refused.
+
+    ``feature`` cases (``tools``, ``reasoning``) need a template that renders tool calls or reasoning: a template
+    without the feature refuses such rows with a precise reason (a note), one with it must encode them exactly.
+    """
 
     name: str
-    messages: tuple[tuple[str, str], ...]
+    messages: tuple[tuple[str, str] | Message, ...]
     core: bool = True
+    tools: tuple[dict[str, Any], ...] | None = None
+    feature: str | None = None
 
-    def dicts(self) -> list[dict[str, str]]:
-        return [{"role": r, "content": c} for r, c in self.messages]
+    def message_objects(self) -> list[Message]:
+        return [m if isinstance(m, Message) else Message(*m) for m in self.messages]
+
+    def record(self, row: int = 1) -> Record:
+        return Record("verify-suite", row, self.message_objects(), tools=list(self.tools) if self.tools else None)
+
+    def dicts(self) -> list[dict[str, Any]]:
+        return [m.to_dict() for m in self.message_objects()]
+
+
+def _call(name: str, call_id: str, **arguments: Any) -> dict[str, Any]:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+_WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city"]}}}
+_TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "Local time in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 
 
 SUITE: tuple[Case, ...] = (
@@ -83,7 +108,41 @@ SUITE: tuple[Case, ...] = (
     Case("template-markers", (("user", "What do <|im_end|>, <|eot_id|>, [INST] and </s> mean in a prompt?"),
                               ("assistant", "They are control markers such as <|im_start|>, <end_of_turn> and [/INST].")),
          core=False),
+    Case("tool-call", (Message("user", "What is the weather in Paris?"),
+                       Message("assistant", "", tool_calls=[_call("get_weather", "call12345", city="Paris")]),
+                       Message("tool", '{"temperature": 21, "unit": "celsius"}', tool_call_id="call12345", name="get_weather"),
+                       Message("assistant", "It is 21 °C in Paris.")), tools=(_WEATHER,), feature="tools"),
+    Case("tool-call-with-text", (Message("user", "Weather in Oslo, in fahrenheit?"),
+                                 Message("assistant", "Let me check.",
+                                         tool_calls=[_call("get_weather", "call23456", city="Oslo", unit="fahrenheit")]),
+                                 Message("tool", '{"temperature": 41}', tool_call_id="call23456", name="get_weather"),
+                                 Message("assistant", "It is 41 °F in Oslo.")), tools=(_WEATHER,), feature="tools"),
+    Case("parallel-calls", (Message("user", "Weather and time in Tokyo?"),
+                            Message("assistant", "", tool_calls=[_call("get_weather", "call34567", city="Tokyo"),
+                                                                 _call("get_time", "call45678", city="Tokyo")]),
+                            Message("tool", '{"temperature": 18}', tool_call_id="call34567", name="get_weather"),
+                            Message("tool", '{"time": "09:30"}', tool_call_id="call45678", name="get_time"),
+                            Message("assistant", "18 °C, and it is 09:30 in Tokyo.")), tools=(_WEATHER, _TIME),
+         feature="tools"),
+    Case("reasoning", (Message("user", "Is 91 prime?"),
+                       Message("assistant", "No: 91 = 7 × 13.",
+                               reasoning="91 is odd. 91 / 7 = 13, so 7 divides it.")), feature="reasoning"),
+    Case("reasoning-multi-turn", (Message("system", "Think before answering."), Message("user", "2 + 3?"),
+                                  Message("assistant", "5.", reasoning="Add them: 5."), Message("user", "Times 4?"),
+                                  Message("assistant", "20.", reasoning="5 × 4 = 20.")), feature="reasoning"),
+    Case("reasoning-and-tools", (Message("user", "Should I take an umbrella in London?"),
+                                 Message("assistant", "", reasoning="I need the weather first.",
+                                         tool_calls=[_call("get_weather", "call56789", city="London")]),
+                                 Message("tool", '{"temperature": 12, "rain": true}', tool_call_id="call56789",
+                                         name="get_weather"),
+                                 Message("assistant", "Yes, it is raining in London.", reasoning="Rain is forecast.")),
+         tools=(_WEATHER,), feature="tools"),
 )
+
+# Refusals that mean "this template cannot render the feature": rows like it are reported, never trained.
+_UNSUPPORTED = ("template-error", "tool-calls-not-rendered", "reasoning-not-rendered", "tools-not-rendered",
+                "tool-result-not-rendered")
+
 
 
 # -- results --------------------------------------------------------------------------------------------------------
@@ -192,19 +251,17 @@ def text_diff(a: str, b: str, label_a: str = "expected", label_b: str = "got", c
             f"{a[max(0, i - context):i + context]!r} vs {label_b} {b[max(0, i - context):i + context]!r}")
 
 
-def _escape_specials(messages: list[dict[str, str]], tokenizer: Any) -> list[dict[str, str]]:
-    """The encoder's ``--special-text escape`` transformation, so the suite's marker case stays text."""
-    specials = special_token_strings(tokenizer)
-    if not specials:
-        return messages
-    pattern = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
-    return [{**m, "content": pattern.sub(lambda s: s.group(0)[0] + ESCAPE_CHAR + s.group(0)[1:], m["content"])}
-            for m in messages]
+def _escaped(encoder: Encoder, case: Case) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The case's messages and tools as the template receives them under ``--special-text escape``."""
+    escaping = Encoder(encoder.template, encoder.tokenizer, replace(encoder.options, special_text="escape"))
+    messages, tools, _ = escaping.template_input(case.record())
+    return messages, tools
 
 
-def _render(template: ChatTemplate, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> tuple[str | None, str | None]:
+def _render(template: ChatTemplate, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+            tools: list[dict[str, Any]] | None = None) -> tuple[str | None, str | None]:
     try:
-        return template.render(messages, add_generation_prompt=add_generation_prompt), None
+        return template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools), None
     except Exception as e:  # raise_exception in the template, or an error
         return None, f"{type(e).__name__}: {e}"
 
@@ -371,11 +428,13 @@ def _fidelity(template: ChatTemplate, tokenizer: Any, suite: tuple[Case, ...]) -
     renders = 0
     for case in suite:
         msgs = case.dicts()
+        tools = list(case.tools) if case.tools else None
         variants = [(msgs, False)] + [(msgs[:k], True) for k, m in enumerate(msgs) if m["role"] == "assistant"]
         for conv, gen in variants:
-            ours, our_err = _render(template, conv, gen)
+            ours, our_err = _render(template, conv, gen, tools)
             try:
-                theirs, their_err = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen), None
+                theirs, their_err = tokenizer.apply_chat_template(conv, tools=tools, tokenize=False,
+                                                                  add_generation_prompt=gen), None
             except Exception as e:
                 theirs, their_err = None, f"{type(e).__name__}: {e}"
             renders += 1
@@ -397,46 +456,57 @@ def _fidelity(template: ChatTemplate, tokenizer: Any, suite: tuple[Case, ...]) -
                        + (" (same source)" if same_source else ""), False)
 
 
-def _turns(messages: list[dict[str, str]], decision: HistoryDecision) -> list[tuple[list[dict[str, str]], int]]:
-    """(example messages, trained message index) pairs, as the history policy lays them out."""
-    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if decision.applied == "split":
-        return [(messages[:k + 1], k) for k in assistant]
-    if decision.train_turns == "last":
-        return [(messages, k) for k in assistant[-1:]]
-    return [(messages, k) for k in assistant]
+def _encode_case(encoder: Encoder, case: Case) -> tuple[list[Any], Refused | None]:
+    """Encode one suite case (control-token text escaped); the examples, or the reason it was refused."""
+    escaping = Encoder(encoder.template, encoder.tokenizer, replace(encoder.options, special_text="escape"))
+    examples, problems = escaping.encode_batch([case.record()])
+    if problems:
+        return [], Refused(problems[0].kind, problems[0].detail)
+    return examples, None
 
 
-def _serving_prefix(template: ChatTemplate, tokenizer: Any, suite: tuple[Case, ...], decision: HistoryDecision,
-                    subject: str, invariant: bool) -> CheckResult:
-    backend = tokenizer.backend_tokenizer
+def _refusal_note(case: Case, refused: Refused) -> tuple[bool, str]:
+    """(is a failure, text) for a suite case the encoder refused."""
+    if case.feature and refused.kind in _UNSUPPORTED:
+        return False, f"{case.name}: the template does not support {case.feature} ([{refused.kind}]); such rows are refused"
+    if refused.kind == "template-error":
+        return False, f"{case.name}: the template refuses this conversation"
+    if case.core:
+        return True, f"{case.name}: refused [{refused.kind}] {refused.detail}"
+    return False, f"{case.name} (edge case, refused with a reason, never trained): [{refused.kind}] {refused.detail}"
+
+
+def _serving_prefix(encoder: Encoder, suite: tuple[Case, ...], subject: str, invariant: bool) -> CheckResult:
+    """Re-check I2 on the encoder's output: for every trained turn, ``P_k`` is a text prefix of the example's render
+    and ``tok(P_k)`` a token prefix of its ``input_ids``, tokenized here independently of the encoder."""
+    template, backend = encoder.template, encoder.backend
     failures, notes = [], []
-    checked = refused = 0
+    checked = 0
     for case in suite:
-        msgs = _escape_specials(case.dicts(), tokenizer)
-        for example, k in _turns(msgs, decision):
-            full, err = _render(template, example)
-            prompt, err2 = _render(template, example[:k], True)
-            if full is None or prompt is None:
-                refused += 1
-                notes.append(f"{case.name}: the template refuses this conversation ({err or err2})")
-                break
-            checked += 1
-            problem = None
-            if not full.startswith(prompt):
-                problem = f"turn {k}: the serving prompt is not a text prefix of the example: " + text_diff(prompt, full, "prompt", "example")
-            else:
-                ids = backend.encode(full, add_special_tokens=False).ids
+        examples, refused = _encode_case(encoder, case)
+        if refused is not None:
+            failure, text = _refusal_note(case, refused)
+            (failures if failure and refused.kind.startswith("serving-prefix") else notes).append(text)
+            continue
+        msgs, tools = _escaped(encoder, case)
+        for ex in examples:
+            text, _ = _render(template, msgs[:ex.messages], False, tools)
+            for k in ex.turns:
+                checked += 1
+                prompt, _ = _render(template, msgs[:k], True, tools)
                 pids = backend.encode(prompt, add_special_tokens=False).ids
-                if ids[:len(pids)] != pids:
+                if not ex.tokenized_apart and not text.startswith(prompt):
+                    failures.append(f"{case.name}: turn {k}: the serving prompt is not a text prefix of the example: "
+                                    + text_diff(prompt, text, "prompt", "example"))
+                elif ex.input_ids[:len(pids)] != pids:
+                    ids = ex.input_ids
                     at = next((i for i, (a, b) in enumerate(zip(ids, pids)) if a != b), min(len(ids), len(pids)))
-                    problem = (f"turn {k}: tok(prompt) is not a token prefix of input_ids: at token {at} the prompt alone "
-                               f"gives {_pieces(tokenizer, pids[at:at + 3])}, in context {_pieces(tokenizer, ids[at:at + 3])}")
-            if problem:
-                if case.core:
-                    failures.append(f"{case.name}: {problem}")
-                else:
-                    notes.append(f"{case.name} (edge case; such rows are reported as serving-prefix problems and skipped): {problem}")
+                    failures.append(f"{case.name}: turn {k}: tok(prompt) is not a token prefix of input_ids: at token {at} "
+                                    f"the prompt alone gives {_pieces(encoder.tokenizer, pids[at:at + 3])}, the example "
+                                    f"{_pieces(encoder.tokenizer, ids[at:at + 3])}")
+                elif ex.tokenized_apart:
+                    notes.append(f"{case.name}: turn {k} is tokenized as tok(prompt) + tok(completion) (the prompt's last "
+                                 "token merges with the completion in context)")
     if checked == 0:
         return CheckResult("serving-prefix", subject, FAIL if invariant else SKIP,
                            "the template renders none of the suite's conversations", invariant, failures, notes)
@@ -445,7 +515,7 @@ def _serving_prefix(template: ChatTemplate, tokenizer: Any, suite: tuple[Case, .
                            f"I2 broken for {len(failures)} ordinary conversation turns (of {checked} checked)", invariant,
                            failures, notes)
     return CheckResult("serving-prefix", subject, PASS,
-                       f"tok(P_k) is a token prefix for all {checked} ordinary turns checked"
+                       f"tok(P_k) is a token prefix for all {checked} trained turns checked"
                        + (f"; {len(notes)} note(s)" if notes else ""), invariant, failures, notes)
 
 
@@ -471,46 +541,24 @@ def _generated_scaffold(template: ChatTemplate, prompt_messages: list[dict[str, 
     return full[len(prompt):full.index(probe)]
 
 
-def _exact_masks(template: ChatTemplate, tokenizer: Any, suite: tuple[Case, ...], decision: HistoryDecision,
-                 options: EncodeOptions) -> tuple[CheckResult, list[tuple[Case, Any]]]:
+def _exact_masks(encoder: Encoder, suite: tuple[Case, ...]) -> tuple[CheckResult, list[tuple[Case, Any]]]:
     failures, notes = [], []
     encoded_cases: list[tuple[Case, Any]] = []
-    backend = tokenizer.backend_tokenizer
-    eot = template.end_of_turn
-    base = dict(train_turns=decision.train_turns, train_on_prompt=False, check_decode=True)
-    for i, case in enumerate(suite):
-        marker_case = any(s in c for _, c in case.messages for s in special_token_strings(tokenizer))
-        opts = EncodeOptions(special_text="escape" if marker_case else options.special_text, **base)
-        encoder = Encoder(template, tokenizer, opts)
-        record = Record("verify-suite", i + 1, [Message(r, c) for r, c in case.messages])
-        if marker_case and options.special_text == "reject":
-            _, problems = Encoder(template, tokenizer, EncodeOptions(special_text="reject", **base)).encode_batch([record])
-            if not problems or problems[0].kind != "special-token-text":
-                failures.append(f"{case.name}: content with special-token text was not refused under --special-text reject")
-            else:
-                notes.append(f"{case.name}: refused under --special-text reject ({problems[0].detail[:90]}...); checked with escape")
-        expanded = expand_for_history_policy([record], template, decision.applied)
-        msgs = _escape_specials(case.dicts(), tokenizer) if marker_case else case.dicts()
-        layout = _turns(msgs, decision)
-        if decision.applied != "split":
-            layout = [(msgs, [k for _, k in layout])]
-        else:
-            layout = [(ex, [k]) for ex, k in layout]
-        for rec, (example, trained) in zip(expanded, layout):
-            out, problems = encoder.encode_batch([rec])  # one record per batch: split records share source/row
-            if problems:
-                p = problems[0]
-                refused_by_template = p.kind == "template-error"
-                if refused_by_template:
-                    notes.append(f"{case.name}: the template refuses this conversation")
-                elif case.core:
-                    failures.append(f"{case.name}: refused [{p.kind}] {p.detail}")
-                else:
-                    notes.append(f"{case.name} (edge case, refused with a reason, never trained): [{p.kind}] {p.detail}")
-                break
-            ex = out[0]
+    for case in suite:
+        if encoder.options.special_text == "reject":
+            try:
+                encoder.template_input(case.record())
+            except Refused as e:
+                notes.append(f"{case.name}: refused under --special-text reject ({e.detail[:90]}...); checked with escape")
+        examples, refused = _encode_case(encoder, case)
+        if refused is not None:
+            failure, text = _refusal_note(case, refused)
+            (failures if failure else notes).append(text)
+            continue
+        msgs, tools = _escaped(encoder, case)
+        for ex in examples:
             encoded_cases.append((case, ex))
-            problem = _check_example(template, tokenizer, backend, ex, example, trained, eot)
+            problem = _check_example(encoder, ex, msgs, tools, plain=case.feature is None)
             if problem:
                 failures.append(f"{case.name}: {problem}")
     status = FAIL if failures or not encoded_cases else PASS
@@ -519,26 +567,41 @@ def _exact_masks(template: ChatTemplate, tokenizer: Any, suite: tuple[Case, ...]
     return CheckResult("exact-masks", "template", status, detail, True, failures, notes), encoded_cases
 
 
-def _check_example(template, tokenizer, backend, ex, example, trained, eot) -> str | None:
+def _check_example(encoder: Encoder, ex: Any, msgs: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                   plain: bool) -> str | None:
+    """Labels equal input_ids exactly on one span per trained turn and -100 elsewhere, and each span decodes to what the
+    template generates for the turn. For plain conversations the expected text is built independently of the encoder
+    from the template's skeleton (scaffold + content under the template's whitespace rule + end marker); for tool-call
+    and reasoning turns it is the turn rendered as the last message, after the serving prompt."""
+    template, tokenizer = encoder.template, encoder.tokenizer
     ids, labels = ex.input_ids, ex.labels
     if len(ids) != len(labels):
         return "labels and input_ids differ in length"
-    if len(ex.spans) != len(trained):
-        return f"{len(ex.spans)} trained spans for {len(trained)} trained turns"
+    if len(ex.spans) != len(ex.turns):
+        return f"{len(ex.spans)} trained spans for {len(ex.turns)} trained turns"
     inside = set()
     for s, e in ex.spans:
         inside.update(range(s, e))
     for i, (t, l) in enumerate(zip(ids, labels)):
         if (i in inside and l != t) or (i not in inside and l != IGNORE_INDEX):
             return f"label {l} at token {i} ({_pieces(tokenizer, [t])[0]!r}) breaks I3"
-    for (s, e), k in zip(ex.spans, trained):
-        decoded = backend.decode(ids[s:e], skip_special_tokens=False)
-        scaffold = _generated_scaffold(template, example[:k]) or ""
-        sk = skeleton(template, tuple(m["role"] for m in example))
-        content = example[k]["content"]
-        if sk is not None:
-            content = sk.normalize(k, content)
-        expected = strip_beside_absorbing_tokens(scaffold + content + eot, tokenizer)
+    example = msgs[:ex.messages]
+    for (s, e), k in zip(ex.spans, ex.turns):
+        decoded = encoder.backend.decode(ids[s:e], skip_special_tokens=False)
+        if plain:
+            scaffold = _generated_scaffold(template, example[:k]) or ""
+            sk = skeleton(template, tuple(m["role"] for m in example))
+            content = example[k]["content"]
+            if sk is not None:
+                content = sk.normalize(k, content)
+            expected = scaffold + content + encoder.end_of_turn
+        else:
+            prompt, _ = _render(template, example[:k], True, tools)
+            through, _ = _render(template, example[:k + 1], False, tools)
+            expected = through[len(prompt):]
+            if encoder.header and expected.endswith(encoder.header):
+                expected = expected[:-len(encoder.header)]
+        expected = strip_beside_absorbing_tokens(expected, tokenizer)
         # modulo NFC: tokenizers with an NFC normalizer (Qwen, Llama-3) decode composed characters
         if unicodedata.normalize("NFC", decoded.strip()) != unicodedata.normalize("NFC", expected.strip()):
             return (f"turn {k}: decoded trained tokens != template-generated text + end marker: "
@@ -562,7 +625,8 @@ def strip_beside_absorbing_tokens(text: str, tokenizer: Any) -> str:
 _MARKER = re.compile(r"<[^<>\s]{1,40}>|\[/?[A-Z_]{2,12}\]")
 
 
-def _special_tokens(template: ChatTemplate, tokenizer: Any, encoded: list[tuple[Case, Any]]) -> CheckResult:
+def _special_tokens(encoder: Encoder, encoded: list[tuple[Case, Any]]) -> CheckResult:
+    tokenizer = encoder.tokenizer
     backend = tokenizer.backend_tokenizer
     failures, notes = [], []
     vocab_size = len(tokenizer)
@@ -580,7 +644,7 @@ def _special_tokens(template: ChatTemplate, tokenizer: Any, encoded: list[tuple[
             failures.append(f"{kind.upper()} {token!r} has no id in the vocabulary")
         elif single(token) != [tid]:
             failures.append(f"{kind.upper()} {token!r} is not a single token: {_pieces(tokenizer, single(token))}")
-    eot = template.end_of_turn.strip()
+    eot = encoder.end_of_turn.strip()
     markers = _MARKER.findall(eot) or [eot]
     eot_ids: list[int] = []
     for m in markers:
@@ -601,12 +665,13 @@ def _special_tokens(template: ChatTemplate, tokenizer: Any, encoded: list[tuple[
     for case, ex in encoded:
         if bos is not None and ex.input_ids[:2] == [bos, bos]:
             failures.append(f"{case.name}: input_ids start with a double BOS")
-        if eot_ids:
-            for s, e in ex.spans:
-                trained = ex.input_ids[s:e]
-                if eot_ids[-1] not in trained:
-                    failures.append(f"{case.name}: the end-of-turn token {backend.id_to_token(eot_ids[-1])!r} is not trained in span {s}:{e}")
-                trained_checked += 1
+        for s, e in ex.spans:
+            last = backend.id_to_token(ex.input_ids[e - 1])
+            if case.feature is None and eot_ids and eot_ids[-1] not in ex.input_ids[s:e]:
+                failures.append(f"{case.name}: the end-of-turn token {backend.id_to_token(eot_ids[-1])!r} is not trained in span {s}:{e}")
+            elif last not in encoder.added and not (encoder.end_of_turn and backend.decode(ex.input_ids[s:e]).rstrip().endswith(eot)):
+                failures.append(f"{case.name}: trained span {s}:{e} ends with {last!r}, not an end-of-turn marker")
+            trained_checked += 1
     if encoded:
         first = encoded[0][1].input_ids
         rendered_bos = bos is not None and first[:1] == [bos]
@@ -624,11 +689,17 @@ def _special_tokens(template: ChatTemplate, tokenizer: Any, encoded: list[tuple[
     return CheckResult("special-tokens", "tokenizer + template", status, detail, True, failures, notes)
 
 
-def _round_trip(template: ChatTemplate, tokenizer: Any, suite: tuple[Case, ...]) -> CheckResult:
+def _round_trip(encoder: Encoder, suite: tuple[Case, ...]) -> CheckResult:
+    template = encoder.template
     failures, notes = [], []
     checked = 0
     for case in suite:
-        msgs = _escape_specials(case.dicts(), tokenizer)
+        if case.feature is not None:
+            continue  # the skeleton parser recovers plain contents only
+        try:
+            msgs, _ = _escaped(encoder, case)
+        except Refused:
+            continue
         text, err = _render(template, msgs)
         if text is None:
             notes.append(f"{case.name}: the template refuses this conversation")
@@ -676,39 +747,34 @@ def _rules_seen(template: ChatTemplate):
 
 # -- entry points ---------------------------------------------------------------------------------------------------
 
-def verify(tokenizer: Any, template: ChatTemplate | str = "tokenizer", *, history_policy: str = "auto",
+def verify(tokenizer: Any, template: ChatTemplate | str = "tokenizer", *, history_policy: str | None = None,
            options: EncodeOptions | None = None, suite: tuple[Case, ...] = SUITE) -> VerifyReport:
     """Run every check for ``template`` (a :class:`ChatTemplate`, a built-in name, a ``.jinja`` path or
-    ``"tokenizer"``) on ``tokenizer``. ``options`` are the build's encode options (``special_text``, ``train_turns``)."""
+    ``"tokenizer"``) on ``tokenizer``. ``options`` are the build's encode options (``special_text``, ``train_turns``,
+    ``history_policy``, ``tokenization``); ``history_policy`` overrides the one in ``options``."""
     if isinstance(template, str):
         template = load_template(template, tokenizer)
     options = options or EncodeOptions()
-    decision = plan_history_policy(template, history_policy, options.train_turns)
-    checks = [_fidelity(template, tokenizer, suite),
-              _serving_prefix(template, tokenizer, suite, decision, "template", True)]
+    if history_policy is not None:
+        options = replace(options, history_policy=history_policy)
+    encoder = Encoder(template, tokenizer, options)
+    decision = plan_history_policy(encoder)
+    checks = [_fidelity(template, tokenizer, suite), _serving_prefix(encoder, suite, "template", True)]
     own = _tokenizer_template(tokenizer)
     if own is not None and own != template.source:
-        own_template = load_template("tokenizer", tokenizer)
-        own_decision = plan_history_policy(own_template, history_policy, options.train_turns)
-        checks.append(_serving_prefix(own_template, tokenizer, suite, own_decision, "tokenizer.chat_template", False))
+        own_encoder = Encoder(load_template("tokenizer", tokenizer), tokenizer, options)
+        checks.append(_serving_prefix(own_encoder, suite, "tokenizer.chat_template", False))
     checks.append(_history(template, decision))
-    masks, encoded = _exact_masks(template, tokenizer, suite, decision, options)
+    masks, encoded = _exact_masks(encoder, suite)
     checks.append(masks)
-    checks.append(_round_trip(template, tokenizer, suite))
-    checks.append(_special_tokens(template, tokenizer, encoded))
+    checks.append(_round_trip(encoder, suite))
+    checks.append(_special_tokens(encoder, encoded))
     return VerifyReport(template.name, template.origin, template.sha256, _tokenizer_name(tokenizer), own is not None,
                         decision, checks)
 
 
-def preflight(encoder_or_template: Encoder | ChatTemplate, tokenizer: Any | None = None, *,
-              history_policy: str = "auto") -> VerifyReport:
-    """The checks ``build`` runs once at start. Pass the build's :class:`Encoder` (its template, tokenizer and
-    options are used) or a template plus tokenizer. Refuse when ``not report.invariant_ok`` (print
-    ``report.format_text()``) unless overridden; warn when ``report.differs_from_tokenizer``; record
-    ``report.manifest_entry()`` in the manifest."""
-    if isinstance(encoder_or_template, Encoder):
-        return verify(encoder_or_template.tokenizer, encoder_or_template.template, history_policy=history_policy,
-                      options=encoder_or_template.options)
-    if tokenizer is None:
-        raise ValueError("preflight(template, tokenizer): a tokenizer is needed")
-    return verify(tokenizer, encoder_or_template, history_policy=history_policy)
+def preflight(encoder: Encoder) -> VerifyReport:
+    """The checks ``build`` runs once at start, with the build's encoder (its template, tokenizer and options). Refuse
+    when ``not report.invariant_ok`` (print ``report.format_text()``) unless overridden; warn when
+    ``report.differs_from_tokenizer``; record ``report.manifest_entry()`` in the manifest."""
+    return verify(encoder.tokenizer, encoder.template, options=encoder.options)

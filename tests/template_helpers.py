@@ -9,7 +9,11 @@ from conftest import REPO, SHARED, shared_path
 
 TOKENIZERS = SHARED / "tokenizers"
 OFFICIAL = REPO / "fixtures" / "official_templates"
-NEW_TEMPLATES = ("llama3", "mistral", "gemma", "phi3", "zephyr", "qwen3")
+# built-in template name -> the official fixture it reproduces byte for byte
+BUILTIN_OFFICIAL = {"llama3": "llama3_1", "llama3_0": "llama3_0", "mistral": "mistral", "mistral_v3": "mistral_v3",
+                    "gemma": "gemma", "phi3": "phi3", "zephyr": "zephyr", "qwen3": "qwen3", "qwen3_5": "qwen3_5",
+                    "qwq": "qwq", "deepseek_r1": "deepseek_r1", "deepseek_v3": "deepseek_v3", "gpt_oss": "gpt_oss"}
+NEW_TEMPLATES = tuple(BUILTIN_OFFICIAL)
 
 
 def require_shared(name: str) -> Path:
@@ -35,7 +39,7 @@ def gemma_standin():
 
     NOT the Gemma tokenizer (no Gemma tokenizer is available offline): it lets the Gemma template be checked end to
     end on a vocabulary where <start_of_turn>/<end_of_turn> are single control tokens and the end-of-turn token is not
-    eos_token — the situation of GUIDE §3.7.
+    eos_token — the situation of failure mode 7 in docs/invariants.md.
     """
     from tokenizers import AddedToken
     from transformers import AutoTokenizer
@@ -74,3 +78,68 @@ def strip_description(source: str) -> str:
         if source.startswith("\n"):
             source = source[1:]
     return source
+
+
+@lru_cache(maxsize=None)
+def llama31_standin():
+    """The llama3_1 tokenizer in ../shared is Llama-3.0's (ids 128004/128008/128010 are reserved tokens there). Llama-3.1
+    changed only those names: <|finetune_right_pad_id|>, <|eom_id|>, <|python_tag|>. This renames them, which makes it
+    Llama-3.1's tokenizer for every id the templates use."""
+    import json
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    source = require_shared("llama3_1")
+    names = {128004: "<|finetune_right_pad_id|>", 128008: "<|eom_id|>", 128010: "<|python_tag|>"}
+    target = Path(tempfile.mkdtemp(prefix="llama31-standin-"))
+    data = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
+    for token in data["added_tokens"]:
+        token["content"] = names.get(token["id"], token["content"])
+    (target / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    config = json.loads((source / "tokenizer_config.json").read_text(encoding="utf-8"))
+    for key, token in config.get("added_tokens_decoder", {}).items():
+        token["content"] = names.get(int(key), token["content"])
+    config.pop("chat_template", None)
+    (target / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(str(target))
+    tok.sftdata_name = "llama3_1 with Llama-3.1's <|eom_id|>/<|python_tag|> names (stand-in)"
+    return tok
+
+
+@lru_cache(maxsize=None)
+def mistral_v3_standin():
+    """mistral-7b-v0.1's vocabulary plus v0.3's control tokens ([INST], [TOOL_CALLS] ...) as special tokens. NOT the v0.3
+    tokenizer (it numbers them 3-9 and adds 768 more): the ids of the control tokens differ, their role does not."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    require_shared("mistral-7b-v0.1")
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZERS / "mistral-7b-v0.1"))
+    tok.add_special_tokens({"additional_special_tokens": [
+        AddedToken(t, special=True, normalized=False) for t in ("[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]",
+                                                                  "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]")]})
+    tok.sftdata_name = "mistral-7b-v0.1 + v0.3 control tokens (stand-in)"
+    return tok
+
+
+@lru_cache(maxsize=None)
+def deepseek_standin():
+    """Qwen3's vocabulary plus DeepSeek-V3/R1's special tokens (bos <｜begin▁of▁sentence｜>, eos <｜end▁of▁sentence｜>, the
+    tool-call markers). NOT the DeepSeek tokenizer (not available offline): the markers are single control tokens, as
+    there."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    require_shared("qwen3")
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZERS / "qwen3"))
+    markers = ("<｜User｜>", "<｜Assistant｜>", "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>",
+               "<｜tool▁call▁end｜>", "<｜tool▁sep｜>", "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>",
+               "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>")
+    tok.add_special_tokens({
+        "bos_token": AddedToken("<｜begin▁of▁sentence｜>", special=True, normalized=False),
+        "eos_token": AddedToken("<｜end▁of▁sentence｜>", special=True, normalized=False),
+        "additional_special_tokens": [AddedToken(t, special=True, normalized=False) for t in markers]})
+    tok.chat_template = None
+    tok.sftdata_name = "qwen3 + DeepSeek special tokens (stand-in)"
+    return tok

@@ -58,7 +58,7 @@ def test_output_loads_in_datasets_and_polars(tmp_path):
     assert ds["train"].num_rows + ds["validation"].num_rows == 50
     assert ds["validation"].num_rows == len(rows_of(out, "validation")) > 0
     frame = pl.read_parquet(out / "train-*.parquet")
-    assert frame.columns == ["input_ids", "labels", "source", "row", "num_tokens", "num_trained", "truncated"]
+    assert frame.columns == ["input_ids", "labels", "source", "row", "num_tokens", "num_trained", "truncated", "kinds"]
     again = tmp_path / "again"
     build([str(EXAMPLES / "chat.jsonl")], output=again, eval_fraction=0.2, seed=1)
     assert [r["row"] for r in rows_of(again, "validation")] == [r["row"] for r in rows_of(out, "validation")]

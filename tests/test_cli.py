@@ -99,3 +99,54 @@ def test_build_with_dedup_and_decontamination(tmp_path):
     assert manifest["counts"]["removed"] == {"contaminated": 1, "exact-duplicate": 1}
     removed = sorted((r["row"], r["reason"]) for r in map(json.loads, report.read_text().splitlines()))
     assert removed == [(2, "exact-duplicate"), (4, "contaminated")]
+
+
+def test_show_defaults_to_sftdata_out(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    missing = runner.invoke(main, ["show"])
+    assert missing.exit_code == 1
+    assert missing.output.splitlines() == ["error: sftdata-out does not exist: build it first (`sftdata build FILE "
+                                           "--output sftdata-out`)"]
+    assert runner.invoke(main, ["build", CHAT, "-q"]).exit_code == 0
+    shown = runner.invoke(main, ["show", "--no-color", "--where", "chat.jsonl:2"])
+    assert shown.exit_code == 0, shown.output
+    assert f"── row 1 · {CHAT}:2 · " in shown.output
+
+
+def test_report_pointing_at_an_input_is_one_line_and_the_input_survives(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
+    result = CliRunner().invoke(main, ["build", str(src), "-o", str(tmp_path / "o"), "--report", str(src), "-q"])
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [f"error: --report {src} is the input {src}; it would be overwritten: choose "
+                                          "another file"]
+    assert src.read_text() == json.dumps({"instruction": "a", "output": "b"}) + "\n"
+
+
+def test_up_to_date_build_still_writes_the_report_and_says_so(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"instruction": "same", "output": "4"}) + "\n" for _ in range(2)))
+    report = tmp_path / "removed.jsonl"
+    args = ["build", str(src), "-o", str(tmp_path / "o"), "--dedup", "--report", str(report)]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    first = report.read_text()
+    report.unlink()
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0
+    lines = again.output.splitlines()
+    assert f"{tmp_path / 'o'} is up to date (same inputs, template, tokenizer, options and sftdata version; every " \
+           "file as written); --force rebuilds" in lines
+    assert f"wrote {report} (the rows removed in that build, from its removed.jsonl)" in lines
+    assert report.read_text() == first and [json.loads(x)["row"] for x in first.splitlines()] == [2]
+
+
+def test_build_summary_counts_tokens_cut_off(tmp_path):
+    result = CliRunner().invoke(main, ["build", CHAT, "-o", str(tmp_path / "o"), "--max-length", "40"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    lost = manifest["tokens"]["lost_to_truncation"]
+    assert lost["tokens"] > lost["trained"] > 0
+    row = next(line for line in result.output.splitlines() if "│ truncated" in line)
+    assert f"{manifest['counts']['truncated']:,} ({lost['tokens']:,} tokens cut off, {lost['trained']:,} of them " \
+           "trained)" in row

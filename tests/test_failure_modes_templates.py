@@ -1,8 +1,8 @@
-"""Regression tests for GUIDE §3 failure modes 7, 8, 11 and 12 (1-6, 9, 10, 13 are in tests/test_render.py)."""
+"""Regression tests for failure modes 7, 8, 11 and 12 of docs/invariants.md (1-6, 9, 10, 13 are in tests/test_render.py)."""
 
 from __future__ import annotations
 
-from sftdata.policy import expand_for_history_policy, history_mismatch, plan_history_policy
+from sftdata.policy import history_mismatch, plan_history_policy
 from sftdata.record import Message, Record
 from sftdata.render import IGNORE_INDEX, EncodeOptions, Encoder
 from sftdata.templates import ChatTemplate, load_template, special_token_variables
@@ -37,41 +37,38 @@ def test_8_qwen3_generation_prompt_not_prefix_of_full_render():
     """trl#5213: Qwen3 renders history turns without <think>: detected, and each policy behaves as documented."""
     tok = shared_tokenizer("qwen3")
     template = load_template("qwen3", tok)
-    assert history_mismatch(template) is not None
+    assert history_mismatch(Encoder(template, tok)) is not None
     record = _record(*CONV)
     # fail: the row is reported with the reason, never trained silently
-    _, problems = Encoder(template, tok).encode_batch([record])
+    _, problems = Encoder(template, tok, EncodeOptions(history_policy="fail")).encode_batch([record])
     assert problems[0].kind == "history-mismatch"
-    # split: one example per turn, each trained turn rendered exactly as served
-    decision = plan_history_policy(template, "auto")
-    assert decision.applied == "split" and decision.train_turns == "last"
-    expanded = expand_for_history_policy([record], template, decision.applied)
-    assert [len(r.messages) for r in expanded] == [2, 4] and all(r.row == 1 for r in expanded)
-    encoder = Encoder(template, tok, EncodeOptions(train_turns=decision.train_turns))
-    for rec in expanded:
-        out, problems = encoder.encode_batch([rec])
-        assert not problems, problems
-        ex, msgs = out[0], rec.messages_as_dicts()
-        served = template.render(msgs[:-1], add_generation_prompt=True)
-        full = template.render(msgs)
+    # auto (split): the first turn becomes its own example conv[:2]; the last turn trains inside the full conversation
+    encoder = Encoder(template, tok)
+    assert plan_history_policy(encoder).applied == "split"
+    out, problems = encoder.encode_batch([record])
+    assert not problems and [(ex.messages, ex.turns) for ex in out] == [(2, [1]), (4, [3])]
+    msgs = record.messages_as_dicts()
+    for ex in out:
+        k = ex.turns[0]
+        served = template.render(msgs[:k], add_generation_prompt=True)
+        full = template.render(msgs[:ex.messages])
         assert ex.input_ids == tok.backend_tokenizer.encode(full, add_special_tokens=False).ids
         (s, e), = ex.spans
         assert ex.input_ids[:s] == tok.backend_tokenizer.encode(served, add_special_tokens=False).ids
         assert tok.decode(ex.input_ids[s:e]) == full[len(served):].rstrip()
         assert tok.decode(ex.input_ids[s:e]).startswith("<think>\n\n</think>\n\n")
-    # last: only the final turn is trained, earlier turns are -100 context
-    decision = plan_history_policy(template, "last")
-    out, problems = Encoder(template, tok, EncodeOptions(train_turns=decision.train_turns)).encode_batch([record])
-    assert not problems and len(out[0].spans) == 1
+    # last: only the final turn is trained, the earlier one is -100 context and counted
+    out, problems = Encoder(template, tok, EncodeOptions(history_policy="last")).encode_batch([record])
+    assert not problems and len(out) == 1 and out[0].turns == [3] and out[0].counts["turns_untrained_history"] == 1
 
 
 def test_8_consistent_templates_are_left_alone():
     for name, tok in [("chatml", "qwen3"), ("llama3", "llama3_1")]:
-        template = load_template(name, shared_tokenizer(tok))
-        assert history_mismatch(template) is None
-        assert plan_history_policy(template, "auto").applied == "none"
-        records = [_record(*CONV)]
-        assert expand_for_history_policy(records, template, "none") == records
+        encoder = Encoder(load_template(name, shared_tokenizer(tok)), shared_tokenizer(tok))
+        assert history_mismatch(encoder) is None
+        assert plan_history_policy(encoder).applied == "none"
+        out, problems = encoder.encode_batch([_record(*CONV)])
+        assert not problems and [(ex.messages, ex.turns) for ex in out] == [(4, [1, 3])]
 
 
 GENERATION_CHATML = (

@@ -56,10 +56,9 @@ def test_every_reader_gives_the_same_records(tmp_path, kind):
     records, problems = read_all([str(path)])
     assert problems.total == 0
     assert [r.messages for r in records] == [
-        [Message("user", "Add\n\n2 3"), Message("assistant", "5")],
-        [Message("user", "Hi"), Message("assistant", "Hello")],
+        [Message("user", "Add\n\n2 3", fields={"instruction": "Add", "input": "2 3"}), Message("assistant", "5")],
+        [Message("user", "Hi", fields={"instruction": "Hi", "input": ""}), Message("assistant", "Hello")],
     ]
-    assert [r.extra["alpaca_input"] for r in records] == ["2 3", ""]
 
 
 def test_formats_are_detected():
@@ -102,9 +101,10 @@ def test_messages_sharegpt_prompt_completion_and_text(tmp_path):
 def test_whitespace_is_kept_unless_strip(tmp_path):
     path = write_jsonl(tmp_path / "w.jsonl", [{"instruction": "  Hi \n", "output": " Hello  "}])
     (record,), _ = read_all([str(path)])
-    assert record.messages == [Message("user", "  Hi \n"), Message("assistant", " Hello  ")]
+    assert record.messages == [Message("user", "  Hi \n", fields={"instruction": "  Hi \n", "input": ""}),
+                               Message("assistant", " Hello  ")]
     (record,), _ = read_all([str(path)], strip=True)
-    assert record.messages == [Message("user", "Hi"), Message("assistant", "Hello")]
+    assert record.messages == [Message("user", "Hi", fields={"instruction": "Hi", "input": ""}), Message("assistant", "Hello")]
 
 
 def test_gsm8k_field_mapping():
@@ -208,3 +208,118 @@ def test_several_inputs_keep_their_sources(tmp_path):
     b = write_jsonl(tmp_path / "b.jsonl", [{"text": "doc"}])
     records, _ = read_all([str(a), str(b)])
     assert [(r.source, r.row) for r in records] == [(str(a), 1), (str(a), 2), (str(b), 1)]
+
+
+# -- tool calls, reasoning, training flags, agent layouts -------------------------------------------------------------
+
+def test_openai_messages_with_tool_calls_reasoning_and_flags(tmp_path):
+    row = {
+        "messages": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "2+3?"},
+            {"role": "assistant", "content": None, "reasoning_content": "Use add.",
+             "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 2, \"b\": 3}"}}]},
+            {"role": "tool", "content": "5", "tool_call_id": "c1", "name": "add", "timestamp": 3},
+            {"role": "assistant", "content": "5.", "weight": 0},
+            {"role": "user", "content": "thanks"},
+            {"role": "assistant", "content": "Welcome.", "train": True},
+        ],
+        "tools": json.dumps([{"name": "add", "parameters": {"type": "object"}}]),
+        "chat_template_kwargs": {"enable_thinking": True},
+        "enable_thinking": False,
+        "id": "x1",
+    }
+    path = write_jsonl(tmp_path / "agent.jsonl", [row])
+    stats = []
+    records, problems = read_all([str(path)], stats=stats, template_variables={"enable_thinking"})
+    assert problems.total == 0
+    (record,) = records
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+    assert record.messages == [
+        Message("system", "S"), Message("user", "2+3?"),
+        Message("assistant", "", tool_calls=[call], reasoning="Use add."),
+        Message("tool", "5", tool_call_id="c1", name="add"),
+        Message("assistant", "5.", train=False), Message("user", "thanks"), Message("assistant", "Welcome.", train=True)]
+    assert record.tools == [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    # chat_template_kwargs is read first; a top-level field named like a template variable is passed too
+    assert record.template_kwargs == {"enable_thinking": False}
+    assert record.extra == {"id": "x1"}
+    assert dict(stats[0].ignored_fields) == {"messages[].timestamp": 1, "id": 1}
+    assert record.messages[2].to_dict() == {"role": "assistant", "content": "", "tool_calls": [call],
+                                            "reasoning_content": "Use add.", "reasoning": "Use add.", "thinking": "Use add."}
+
+
+def test_sharegpt_function_call_and_observation_turns(tmp_path):
+    """LLaMA-Factory's ShareGPT layout: function_call turns are tool calls (not bare JSON trained as text)."""
+    row = {"conversations": [{"from": "human", "value": "Weather in Paris?"},
+                             {"from": "function_call", "value": "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}"},
+                             {"from": "observation", "value": "{\"temp\": 21}"},
+                             {"from": "gpt", "value": "21 degrees."}],
+           "tools": "[{\"name\": \"get_weather\", \"description\": \"w\", \"parameters\": {}}]", "system": "Be brief."}
+    path = write_jsonl(tmp_path / "lf.jsonl", [row])
+    (record,), problems = read_all([str(path)])
+    assert problems.total == 0
+    assert record.messages == [
+        Message("system", "Be brief."), Message("user", "Weather in Paris?"),
+        Message("assistant", "", tool_calls=[{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]),
+        Message("tool", "{\"temp\": 21}"), Message("assistant", "21 degrees.")]
+    assert record.tools[0]["function"]["name"] == "get_weather"
+
+
+def test_xlam_rows():
+    row = {"query": "Add 2 and 3", "answers": "[{\"name\": \"add\", \"arguments\": {\"a\": 2, \"b\": 3}}]",
+           "tools": "[{\"name\": \"add\", \"parameters\": {}}]", "id": 4}
+    assert detect_format(row) == "xlam"
+    from sftdata.ingest import IngestOptions, normalize_row
+
+    out = normalize_row(row, "xlam", IngestOptions())
+    assert out.messages == [Message("user", "Add 2 and 3"), Message("assistant", "", tool_calls=[
+        {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}])]
+    assert out.tools == [{"type": "function", "function": {"name": "add", "parameters": {}}}] and out.extra == {"id": 4}
+
+
+@pytest.mark.parametrize("row, kind", [
+    ({"prompt": "p", "chosen": "a", "rejected": "b"}, "preference-pair"),
+    ({"chosen": [{"role": "user", "content": "q"}], "rejected": [{"role": "user", "content": "q"}]}, "preference-pair"),
+    ({"prompt": "p", "completion": "c", "label": False}, "kto-label"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]}, {"role": "assistant", "content": "a"}]}, "multimodal"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "images": ["x.png"]}, "multimodal"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning": "x", "thinking": "y"}]}, "bad-reasoning"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0.5}]}, "bad-train-flag"),
+    ({"messages": [{"role": "user", "content": "q", "train": True}, {"role": "assistant", "content": "a"}]}, "unsupported-train-flag"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "train": False}]}, "no-trained-turn"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "f", "arguments": "{not json"}}]}]}, "bad-tool-call"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "train_detail": [{"begin_offset": 0}]}]}, "unsupported-field"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}, "empty-assistant"),
+])
+def test_rows_that_cannot_be_honoured_are_precise_problems(tmp_path, row, kind):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "fine"}]}, row])
+    records, problems = read_all([str(path)])
+    assert len(records) == 1 and dict(problems.counts) == {kind: 1}
+    assert problems.examples[kind][0].row == 2
+
+
+def test_empty_assistant_with_a_tool_call_is_kept(tmp_path):
+    row = {"messages": [{"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}]}
+    (record,), problems = read_all([str(write_jsonl(tmp_path / "a.jsonl", [row]))])
+    assert problems.total == 0 and record.messages[1].tool_calls[0]["function"] == {"name": "f", "arguments": {}}
+
+
+def test_system_prompt_is_added_where_missing(tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "system", "content": "Own."}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+    records, _ = read_all([str(path)], system_prompt="Be helpful.")
+    assert [r.messages[0] for r in records] == [Message("system", "Be helpful."), Message("system", "Own.")]
+
+
+def test_one_column_map_serves_mixed_inputs(tmp_path):
+    """Mapping output=answer must not switch off the response fallback in files without an answer field."""
+    gsm = write_jsonl(tmp_path / "gsm.jsonl", [{"question": "1+1?", "answer": "2"}])
+    teacher = tmp_path / "teacher.json"
+    teacher.write_text(json.dumps([{"instruction": "Say hi", "input": "", "response": "hi"}]))
+    records, problems = read_all([str(gsm), str(teacher)], columns="instruction=question,output=answer")
+    assert problems.total == 0
+    assert [[m.content for m in r.messages] for r in records] == [["1+1?", "2"], ["Say hi", "hi"]]

@@ -237,6 +237,17 @@ def test_format_is_detected_over_a_sample_and_each_row_that_does_not_fit_is_rede
     assert first_batch_stats[0].format == "alpaca"
 
 
+def test_rows_detected_only_to_be_refused_never_stop_the_run(tmp_path):
+    pair = {"prompt": "p", "chosen": "c", "rejected": "r"}
+    path = write_lines(tmp_path / "dpo.jsonl", [json.dumps({"chosen": "c", "rejected": "r"})] * 3 + [
+        json.dumps({"chosen": "only"}), json.dumps(alpaca(5)), json.dumps(pair)])
+    records, problems, stats = read_all([str(path)])
+    assert [r.row for r in records] == [5] and stats[0].format == "preference"
+    assert [(row, kind) for _, row, kind, _ in found(problems)] == [
+        (1, "preference-pair"), (2, "preference-pair"), (3, "preference-pair"), (4, "unknown-format"),
+        (6, "preference-pair")]
+
+
 def test_a_file_of_no_known_format_stops_with_its_fields_and_a_forced_format_is_not_redetected(tmp_path):
     path = write_lines(tmp_path / "qa.jsonl", ["{}"] + [json.dumps({"question": f"q{i}", "answer": "a"}) for i in range(3)])
     with pytest.raises(DataError, match=r"qa.jsonl: cannot tell the format from the fields \['answer', 'question'\] "
@@ -268,7 +279,7 @@ def test_json_documents_are_streamed_row_by_row_across_read_windows(tmp_path, mo
     assert problems.total == 0
     assert [r.extra["score"] for r in records] == [row["score"] for row in rows]
     assert [r.extra["n"] for r in records] == [row["n"] for row in rows]
-    assert [r.extra["alpaca_input"] for r in records] == [row["input"] for row in rows]
+    assert [r.messages[0].fields["input"] for r in records] == [row["input"] for row in rows]
 
 
 def test_json_document_layouts_and_damage(tmp_path):

@@ -11,7 +11,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sftdata.policy import expand_for_history_policy, plan_history_policy
 from sftdata.record import Message, Record
 from sftdata.render import IGNORE_INDEX, EncodeOptions, Encoder
 from sftdata.templates import load_template
@@ -48,37 +47,36 @@ def conversations(draw, content):
 def _check(name, tokname, messages, ordinary):
     tok = _tok(tokname)
     template = load_template(name, tok)
-    decision = plan_history_policy(template, "auto")
-    encoder = Encoder(template, tok, EncodeOptions(train_turns=decision.train_turns))
+    encoder = Encoder(template, tok)
     record = Record("p.jsonl", 1, [Message(r, c) for r, c in messages])
     try:
         template.render(record.messages_as_dicts())
     except Exception:
         return  # the official template refuses it (mistral: system message)
     backend = tok.backend_tokenizer
-    for rec in expand_for_history_policy([record], template, decision.applied):
-        out, problems = encoder.encode_batch([rec])
-        if problems:
-            assert not ordinary or unicodedata.normalize("NFC", str(messages)) != str(messages), problems[0]
-            assert problems[0].kind in ALLOWED, problems[0]
-            continue
-        ex, msgs = out[0], rec.messages_as_dicts()
-        full = template.render(msgs)
+    out, problems = encoder.encode_batch([record])
+    if problems:
+        assert not ordinary or unicodedata.normalize("NFC", str(messages)) != str(messages), problems[0]
+        assert problems[0].kind in ALLOWED, problems[0]
+    msgs = record.messages_as_dicts()
+    assistant = [k for k, m in enumerate(msgs) if m["role"] == "assistant"]
+    assert problems or sorted(k for ex in out for k in ex.turns) == assistant  # every turn trained exactly once
+    for ex in out:
+        example = msgs[:ex.messages]
+        full = template.render(example)
         ids = backend.encode(full, add_special_tokens=False).ids
-        assert ex.input_ids == ids  # I1
-        trained = [k for k, m in enumerate(msgs) if m["role"] == "assistant"]
-        if decision.train_turns == "last":
-            trained = trained[-1:]
-        assert len(ex.spans) == len(trained)
-        sk = skeleton(template, tuple(m["role"] for m in msgs))
+        if not ex.tokenized_apart:
+            assert ex.input_ids == ids  # I1
+        sk = skeleton(template, tuple(m["role"] for m in example))
         inside = set()
-        for (s, e), k in zip(ex.spans, trained):
+        for (s, e), k in zip(ex.spans, ex.turns, strict=True):
             prompt = template.render(msgs[:k], add_generation_prompt=True)
-            assert full.startswith(prompt)  # I2 (text)
-            assert ids[:s] == backend.encode(prompt, add_special_tokens=False).ids  # I2 (tokens)
-            decoded = backend.decode(ids[s:e], skip_special_tokens=False)
+            assert ex.input_ids[:s] == backend.encode(prompt, add_special_tokens=False).ids  # I2 (tokens)
+            if not ex.tokenized_apart:
+                assert full.startswith(prompt)  # I2 (text)
+            decoded = backend.decode(ex.input_ids[s:e], skip_special_tokens=False)
             content = strip_beside_absorbing_tokens(sk.normalize(k, msgs[k]["content"]).strip(), tok)
-            end_of_turn = strip_beside_absorbing_tokens(template.end_of_turn.strip(), tok)
+            end_of_turn = strip_beside_absorbing_tokens(encoder.end_of_turn.strip(), tok)
             assert decoded.rstrip().endswith(end_of_turn)  # I4: end marker trained
             assert unicodedata.normalize("NFC", content) in unicodedata.normalize("NFC", decoded)  # I4
             inside.update(range(s, e))
@@ -110,3 +108,70 @@ def test_ordinary_conversations_encode_exactly(name, tokname, messages):
 @given(messages=conversations(EDGE))
 def test_any_content_is_exact_or_refused_with_a_reason(name, tokname, messages):
     _check(name, tokname, messages, ordinary=False)
+
+
+# -- tool calls, tool results, reasoning, training flags --------------------------------------------------------------
+
+TOOL_PAIRS = [("qwen3", "qwen3"), ("llama3", "llama3_1"), ("gpt_oss", "gpt-oss"), ("qwen3_5", "qwen3"), ("qwq", "qwen3")]
+TOOLS = [{"type": "function", "function": {"name": name, "description": "A tool.", "parameters": {
+    "type": "object", "properties": {"q": {"type": "string"}, "n": {"type": "integer"}}}}} for name in ("lookup", "count")]
+TOOL_ALLOWED = ALLOWED | {"reasoning-not-rendered", "missing-reasoning", "tool-calls-not-rendered", "template-error"}
+
+
+@st.composite
+def agent_conversations(draw):
+    """user → [assistant with 1-2 tool calls → tool results]* → assistant answer, repeated 1-2 times; random reasoning,
+    content beside calls, and train flags."""
+    messages = [Message("system", draw(ORDINARY))] if draw(st.booleans()) else []
+    for _ in range(draw(st.integers(1, 2))):
+        messages.append(Message("user", draw(ORDINARY)))
+        for _ in range(draw(st.integers(0, 2))):
+            calls = [{"id": f"call{draw(st.integers(10000, 99999))}", "type": "function",
+                      "function": {"name": draw(st.sampled_from(["lookup", "count"])),
+                                   "arguments": {"q": draw(WORD), "n": draw(st.integers(0, 99))}}}
+                     for _ in range(draw(st.integers(1, 2)))]
+            messages.append(Message("assistant", draw(st.sampled_from(["", draw(ORDINARY)])), tool_calls=calls,
+                                    reasoning=draw(st.one_of(st.none(), ORDINARY)),
+                                    train=draw(st.sampled_from([None, None, False]))))
+            messages += [Message("tool", draw(ORDINARY), tool_call_id=c["id"], name=c["function"]["name"]) for c in calls]
+        messages.append(Message("assistant", draw(ORDINARY), reasoning=draw(st.one_of(st.none(), ORDINARY))))
+    return messages
+
+
+def _check_agent(name, tokname, messages):
+    tok = shared_tokenizer(tokname)
+    encoder = Encoder(load_template(name, tok), tok, EncodeOptions(template_date="2026-12-02"))
+    record = Record("p.jsonl", 1, messages, tools=TOOLS)
+    out, problems = encoder.encode_batch([record])
+    if problems:
+        assert problems[0].kind in TOOL_ALLOWED, problems[0]
+        return
+    trained = [k for k, m in enumerate(messages) if m.role == "assistant" and m.is_trained]
+    assert sorted(k for ex in out for k in ex.turns) == trained  # every trained turn exactly once, no other
+    template, backend = encoder.template, tok.backend_tokenizer
+    msgs, tools, kwargs = encoder.template_input(record)
+    for ex in out:
+        if not ex.tokenized_apart and not ex.counts["turns_composed"]:
+            full = template.render(msgs[:ex.messages], tools=tools, **kwargs)
+            assert ex.input_ids == backend.encode(full, add_special_tokens=False).ids  # I1
+        inside = set()
+        for (s, e), k in zip(ex.spans, ex.turns, strict=True):
+            prompt = template.render(msgs[:k], add_generation_prompt=True, tools=tools, **kwargs)
+            assert ex.input_ids[:s] == backend.encode(prompt, add_special_tokens=False).ids  # I2
+            decoded = backend.decode(ex.input_ids[s:e], skip_special_tokens=False)
+            assert backend.id_to_token(ex.input_ids[e - 1]) in encoder.added  # I3: ends with an end-of-turn token
+            message = messages[k]
+            expected = [message.content.strip(), (message.reasoning or "").strip()]
+            expected += [c["function"]["name"] for c in message.tool_calls or ()]
+            assert all(unicodedata.normalize("NFC", x) in unicodedata.normalize("NFC", decoded) for x in expected if x)  # I4
+            inside.update(range(s, e))
+        assert all((lab == t) if i in inside else (lab == IGNORE_INDEX)
+                   for i, (t, lab) in enumerate(zip(ex.input_ids, ex.labels)))  # I3
+
+
+@pytest.mark.parametrize("name, tokname", TOOL_PAIRS)
+@settings(max_examples=10, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(messages=agent_conversations())
+def test_tool_call_conversations_keep_the_invariants(name, tokname, messages):
+    _check_agent(name, tokname, messages)

@@ -155,15 +155,15 @@ def test_whitespace_and_unicode_kept_exactly(load_tok):
 
 def test_alpaca_with_and_without_input(load_tok):
     tok = load_tok("qwen3")
-    messages = [Message("user", "Add.\n\n2 and 3"), Message("assistant", "5")]
-    with_input = {"alpaca_instruction": "Add.", "alpaca_input": "2 and 3"}
-    (ex,), _ = encode(tok, "alpaca", messages, extra=with_input)
+    messages = [Message("user", "Add.\n\n2 and 3", fields={"instruction": "Add.", "input": "2 and 3"}),
+                Message("assistant", "5")]
+    (ex,), _ = encode(tok, "alpaca", messages)
     assert tok.decode(ex.input_ids) == (
         "Below is an instruction that describes a task, paired with an input that provides further context. "
         "Write a response that appropriately completes the request.\n\n### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n"
         "### Response:\n5<|im_end|>")
-    empty_input = {"alpaca_instruction": "Add.", "alpaca_input": ""}
-    (ex,), _ = encode(tok, "alpaca", [Message("user", "Add."), Message("assistant", "5")], extra=empty_input)
+    (ex,), _ = encode(tok, "alpaca", [Message("user", "Add.", fields={"instruction": "Add.", "input": ""}),
+                                      Message("assistant", "5")])
     assert tok.decode(ex.input_ids) == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
         "### Instruction:\nAdd.\n\n### Response:\n5<|im_end|>")
@@ -194,16 +194,23 @@ def test_fm2_next_user_turn_after_bos_never_leaks(load_tok):
     assert ids[first[1]:second[0]] == [1, 733, 16289, 28793, 17053, 302, 4843, 28804, 733, 28748, 16289, 28793]
 
 
-def test_fm3_trailing_space_marker_is_reported_not_mistrained(load_tok, tmp_path):
-    """A generation prompt ending in "Answer: " is not a token prefix when the space merges with the reply."""
+def test_fm3_trailing_space_marker_is_trained_as_served_or_reported(load_tok, tmp_path):
+    """A generation prompt ending in "Answer: " is not a token prefix when the space merges with the reply: the turn is
+    trained as tok(prompt) + tok(completion), the sequence a server feeds, or refused under --tokenization context."""
     tok = load_tok("qwen3")
     path = tmp_path / "qa.jinja"
     path.write_text("{% for m in messages %}{% if m.role == 'user' %}Question: {{ m.content }}\n"
                     "{% else %}Answer: {{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
                     "{% if add_generation_prompt %}Answer: {% endif %}")
-    examples, problems = encode(tok, str(path), [Message("user", "Capital?"), Message("assistant", "Paris")])
+    conversation = [Message("user", "Capital?"), Message("assistant", "Paris")]
+    # In context "Answer: Paris" gives [..., 'Answer', ':', 'ĠParis']; a server sends [..., 'Answer', ':', 'Ġ'] and the
+    # model must emit 'Paris', '<|im_end|>'.
+    (ex,), problems = encode(tok, str(path), conversation)
+    assert problems == [] and ex.tokenized_apart
+    assert ex.input_ids == [14582, 25, 18374, 5267, 16141, 25, 220, 59604, 151645]
+    assert ex.labels == [M] * 7 + [59604, 151645]
+    examples, problems = encode(tok, str(path), conversation, EncodeOptions(tokenization="context"))
     assert examples == []
-    # As text "Answer: " is a prefix of "Answer: Paris", but as tokens ['Answer', ':', 'Ġ'] is not of [..., 'ĠParis'].
     assert [p.kind for p in problems] == ["serving-prefix-tokens"]
     # Digits are split one by one in Qwen3's vocabulary, so " 42" does not merge: that pair is exact and is kept.
     (ex,), problems = encode(tok, str(path), [Message("user", "6*7?"), Message("assistant", "42")])
@@ -303,10 +310,11 @@ def test_raw_text_trains_every_token_and_ends_with_eos(load_tok):
     assert ex.labels == ex.input_ids
 
 
-def test_history_mismatch_is_reported(load_tok):
-    """Qwen3's own template renders earlier assistant turns without <think>: reported, never trained silently."""
+def test_history_mismatch_is_reported_under_fail(load_tok):
+    """Qwen3's own template renders earlier assistant turns without <think>: with --history-policy fail the row is
+    reported, never trained silently; by default each such turn is its own example (tests/test_policy.py)."""
     tok = load_tok("qwen3")
-    examples, problems = encode(tok, "tokenizer", MULTI)
+    examples, problems = encode(tok, "tokenizer", MULTI, EncodeOptions(history_policy="fail"))
     assert examples == [] and [p.kind for p in problems] == ["history-mismatch"]
 
 

@@ -1,11 +1,15 @@
-"""show: trained runs bracketed, whitespace visible, pack boundaries marked."""
+"""show: trained runs bracketed, whitespace visible (in the stream and the --ids table), pack boundaries with each
+example's source row (the first one too), cut markers on truncated rows, rows picked by file:row and by filters."""
 
 from __future__ import annotations
 
+import pyarrow.parquet as pq
+import pytest
 from rich.console import Console
 
 from sftdata.build import build
-from sftdata.show import iter_runs, show
+from sftdata.record import DataError
+from sftdata.show import find_rows, iter_runs, show
 
 from conftest import REPO
 
@@ -59,3 +63,69 @@ def test_show_marks_pack_boundaries(tmp_path):
 def test_iter_runs():
     assert list(iter_runs([-100, 5, 6, -100, 7])) == [(1, 3), (4, 5)]
     assert list(iter_runs([-100, -100])) == []
+
+
+def test_the_first_packed_example_names_its_source_row(tmp_path):
+    build([CHAT], output=tmp_path / "p", pack=True, max_length=512)
+    lines = capture(tmp_path / "p", row=0).splitlines()
+    first = pq.read_table(tmp_path / "p" / "train-00000.parquet", columns=["row"]).to_pylist()[0]["row"][0]
+    assert lines[2] == f"──── example 1 · {CHAT}:{first} starts ────"
+    assert lines[3] == "<|im_start|>user↵"
+
+
+def test_a_truncated_row_shows_where_it_was_cut(tmp_path):
+    build([CHAT], output=tmp_path / "o", max_length=40)
+    lines = capture(tmp_path / "o", row=0).splitlines()
+    assert lines[1] == f"── row 0 · {CHAT}:1 · 40 tokens · 22 trained · truncated: yes ──"
+    assert lines[-2:] == ["<|im_start|>user↵", "Have·a ✂ cut here by --max-length 40"]
+    table = capture(tmp_path / "o", row=0, ids=True).splitlines()
+    assert table[-3].split("│")[3].strip() == "·a" and table[-2].split("│")[3].strip() == "✂ cut here by --max-length 40"
+
+
+def test_a_truncated_example_in_a_packed_row_is_cut_where_it_ends(tmp_path):
+    build([CHAT], output=tmp_path / "p", pack=True, max_length=40)
+    index = [i for i, r in enumerate(pq.read_table(tmp_path / "p" / "train-00000.parquet").to_pylist())
+             if r["truncated"] == [True]][0]
+    text = capture(tmp_path / "p", row=index)
+    assert text.rstrip().endswith(" ✂ cut here by --max-length 40") and text.count("✂") == 2  # legend + marker
+
+
+def test_ids_table_shows_whitespace_tokens(tmp_path):
+    build([CHAT], output=tmp_path / "o")
+    rows = [line.split("│")[1:5] for line in capture(tmp_path / "o", row=0, ids=True).splitlines() if "│" in line]
+    cells = [[c.strip() for c in r] for r in rows[:9]]
+    assert cells == [["0", "151644", "<|im_start|>", "-100"], ["1", "872", "user", "-100"], ["2", "198", "↵", "-100"],
+                     ["3", "15191", "Who", "-100"], ["4", "525", "·are", "-100"], ["5", "498", "·you", "-100"],
+                     ["6", "30", "?", "-100"], ["7", "151645", "<|im_end|>", "-100"], ["8", "198", "↵", "-100"]]
+
+
+def test_pick_rows_by_file_and_row_and_by_filters(tmp_path):
+    alpaca = str(REPO / "examples" / "data" / "alpaca.jsonl")
+    build([alpaca, CHAT], output=tmp_path / "o", max_length=64)
+    table = pq.read_table(tmp_path / "o" / "train-00000.parquet", columns=["source", "row", "truncated"]).to_pylist()
+    truncated = [i for i, r in enumerate(table) if r["truncated"]]
+    from_chat = [i for i, r in enumerate(table) if r["source"] == CHAT]
+    assert len(truncated) == 145 and len(from_chat) == 50
+    assert find_rows(tmp_path / "o", truncated=True) == truncated
+    assert find_rows(tmp_path / "o", source="chat.jsonl") == from_chat  # by file name
+    assert find_rows(tmp_path / "o", source=alpaca) == [i for i, r in enumerate(table) if r["source"] == alpaca]
+    assert find_rows(tmp_path / "o", source="chat.jsonl", truncated=True) == [i for i in truncated if i in from_chat]
+    assert find_rows(tmp_path / "o", source="chat.jsonl", row=17) == [from_chat[16]]
+    # show: --where picks the row; with a filter, `row` skips matches.
+    assert [r["_index"] for r in show(tmp_path / "o", where="chat.jsonl:17", console=Console(quiet=True))] == [from_chat[16]]
+    text = capture(tmp_path / "o", truncated=True, row=1, count=2)
+    assert [line.split(" · ")[0] for line in text.splitlines() if line.startswith("── row ")] == [
+        f"── row {truncated[1]}", f"── row {truncated[2]}"]
+    with pytest.raises(DataError, match=r"no row of split 'train' matches --where chat.jsonl:999 \(it may have been "
+                                        "skipped or removed"):
+        show(tmp_path / "o", where="chat.jsonl:999", console=Console(quiet=True))
+    with pytest.raises(DataError, match="expected FILE:ROW"):
+        show(tmp_path / "o", where="chat.jsonl", console=Console(quiet=True))
+
+
+def test_where_finds_the_packed_row_holding_an_example(tmp_path):
+    build([CHAT], output=tmp_path / "p", pack=True, max_length=256)
+    rows = pq.read_table(tmp_path / "p" / "train-00000.parquet", columns=["row"]).to_pylist()
+    holder = next(i for i, r in enumerate(rows) if 5 in r["row"])
+    text = capture(tmp_path / "p", where=f"{CHAT}:5")
+    assert f"── row {holder} · " in text and f"· {CHAT}:5 starts" in text

@@ -1,11 +1,11 @@
-"""stats(): length histogram against N, trained-token share per source, truncation and packing figures; the
-terminal, HTML and PNG renderings; the `sftdata stats` command on a real `build --pack` output."""
+"""stats(): length histogram against N, trained-token share per source, rows skipped/removed by reason, truncation
+(examples and tokens lost), assistant turns per conversation and packing figures; the terminal and HTML renderings
+(headers whole at 80 columns); the `sftdata stats` command on a real `build --pack` output."""
 
 from __future__ import annotations
 
 import json
-import struct
-import zlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from click.testing import CliRunner
 
 from sftdata.pack import pack_split
-from sftdata.stats import histogram, render_html, render_png, render_terminal, stats
+from sftdata.stats import histogram, render_html, render_terminal, stats
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,11 +30,11 @@ def _unpacked(path: Path, lengths, trained, sources, truncated=None):
         "truncated": truncated}), path)
 
 
-def _manifest(directory: Path, splits: dict, max_length=None, packing=None, truncated=0, too_long=0):
+def _manifest(directory: Path, splits: dict, max_length=None, packing=None, truncated=0, too_long=0, **extra):
     (directory / "manifest.json").write_text(json.dumps({
         "format": "sftdata/1", "options": {"max_length": max_length, "truncation": "right", "pack": bool(packing)},
         "counts": {"truncated": truncated, "skipped": {"too-long": too_long} if too_long else {}},
-        "splits": splits, "packing": packing}))
+        "splits": splits, "packing": packing, **extra}))
 
 
 def test_histogram_bins_against_n():
@@ -67,7 +67,8 @@ def test_stats_unpacked(tmp_path):
                     "trained_fraction": round(15 / 40, 6)},
     }
     assert r["truncation"] == {"policy": "right", "truncated": 1, "truncated_per_split": {"train": 1, "validation": 0},
-                               "dropped_too_long": 2}
+                               "dropped_too_long": 2, "tokens_lost": None, "trained_tokens_lost": None}
+    assert r["conversations"] == {"count": 0, "assistant_turns": {}, "mean_assistant_turns": 0.0}
     json.dumps(r)
 
 
@@ -108,15 +109,60 @@ def test_renderings(tmp_path):
     page = render_html(r)
     assert page.startswith("<!doctype html>") and page.count("<svg") == 2 and "N = 64" in page
     assert "&lt;b&gt;&amp;.jsonl" in page and "<b>&" not in page  # escaped
-    png = render_png(r)
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", png[16:24])
-    idat = png[png.index(b"IDAT") + 4:png.index(b"IEND") - 8]
-    raw = zlib.decompress(idat)
-    assert len(raw) == height * (1 + 3 * width)
-    pixels = np.frombuffer(raw, np.uint8).reshape(height, 1 + 3 * width)[:, 1:].reshape(height, width, 3)
-    assert ((pixels == (44, 160, 44)).all(-1)).any()  # green bars
-    assert ((pixels == (255, 127, 14)).all(-1)).any()  # the N line
+
+
+def test_counts_by_reason_tokens_lost_and_turns_from_the_manifest(tmp_path):
+    _unpacked(tmp_path / "train-00000.parquet", [10, 64], [5, 20], ["a.jsonl", "a.jsonl"], truncated=[False, True])
+    _manifest(tmp_path, {"train": {"rows": 2, "files": ["train-00000.parquet"]}}, max_length=64, truncated=1,
+              too_long=1, tokens={"lost_to_truncation": {"tokens": 36, "trained": 30}},
+              conversations={"assistant_turns": {"1": 3, "2": 1, "5": 1}})
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["counts"].update({"rows_read": 7, "rows_kept": 2, "skipped": {"too-long": 1, "malformed-json": 2},
+                               "removed": {"exact-duplicate": 2}})
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    r = stats(tmp_path)
+    assert r["counts"] == {"rows_read": 7, "rows_kept": 2, "skipped": {"too-long": 1, "malformed-json": 2},
+                           "removed": {"exact-duplicate": 2}}
+    assert (r["truncation"]["tokens_lost"], r["truncation"]["trained_tokens_lost"]) == (36, 30)
+    assert r["conversations"] == {"count": 5, "assistant_turns": {"1": 3, "2": 1, "5": 1}, "mean_assistant_turns": 2.0}
+    from rich.console import Console
+
+    console = Console(record=True, width=80, no_color=True)
+    render_terminal(r, console)
+    lines = console.export_text().splitlines()
+    assert [line for line in lines if line.startswith("│ ")][:5] == [
+        "│ rows read                │     7 │", "│ examples kept            │     2 │",
+        "│ skipped: too-long        │     1 │", "│ skipped: malformed-json  │     2 │",
+        "│ removed: exact-duplicate │     2 │"]
+    assert ("truncation (policy right): 1 examples truncated to N (train 1) · 36 tokens cut off, 30 of them trained "
+            "· 1 dropped as too long") in lines
+    turns = lines.index("assistant turns per conversation: 5 conversations, mean 2.0")
+    assert lines[turns + 1:turns + 4] == ["1 " + "█" * 40 + " 3", "2 " + "█" * 13 + " 1", "5 " + "█" * 13 + " 1"]
+    page = render_html(r)
+    assert "<td>skipped: malformed-json</td><td>2</td>" in page and "<td>36</td><td>30</td>" in page
+    assert "conversations by assistant turns" in page
+
+
+def test_tables_keep_whole_headers_at_80_columns(tmp_path):
+    from rich.console import Console
+
+    _unpacked(tmp_path / "train-00000.parquet", [10, 20], [5, 3], ["/a/very/long/path/to/some/corpus/file-one.jsonl",
+                                                                  "/a/very/long/path/to/some/corpus/file-two.jsonl"])
+    packing = {"train": {"strategy": "bfd", "examples": 2, "rows": 1, "fill_ratio": 0.46875, "padding_tokens": 34,
+                         "truncated_examples": 0, "full_rows": 0, "max_length": 64,
+                         "examples_per_row": {"mean": 2.0, "min": 2, "max": 2}}}
+    _manifest(tmp_path, {"train": {"rows": 2, "files": ["train-00000.parquet"]}}, max_length=64, packing=packing)
+    console = Console(record=True, width=80, no_color=True)
+    render_terminal(stats(tmp_path), console)
+    text = console.export_text()
+    table_lines = [line for line in text.splitlines() if line[:1] in "┏┃┡│└"]
+    assert max(len(line) for line in table_lines) <= 80 and "…" not in text
+    header = next(line for line in text.splitlines() if "examples" in line and "┃" in line)
+    assert [c.strip() for c in header.split("┃")[1:-1]] == ["source", "examples", "tokens", "trained", "% of trained",
+                                                           "trained %"]
+    for label in ("strategy", "fill ratio", "examples per row, mean (min–max)", "padding tokens", "truncated examples",
+                  "full rows"):
+        assert re.search(rf"│ {re.escape(label)} +│", text), label
 
 
 def test_cli_stats_on_packed_build(tmp_path):
@@ -128,11 +174,11 @@ def test_cli_stats_on_packed_build(tmp_path):
                                  str(REPO / "examples" / "data" / "chat.jsonl"), "--max-length", "128", "--pack",
                                  "--eval-fraction", "0.3", "--seed", "1", "-o", str(out), "-q"])
     assert built.exit_code == 0, built.output
-    html_file, png_file = tmp_path / "s.html", tmp_path / "s.png"
-    result = runner.invoke(main, ["stats", str(out), "--html", str(html_file), "--png", str(png_file), "--no-color"])
+    html_file = tmp_path / "s.html"
+    result = runner.invoke(main, ["stats", str(out), "--html", str(html_file), "--no-color"])
     assert result.exit_code == 0, result.output
     assert "N = 128" in result.output and "packing" in result.output
-    assert html_file.read_text().count("<svg") >= 2 and png_file.read_bytes()[:4] == b"\x89PNG"
+    assert html_file.read_text().count("<svg") >= 2
     as_json = json.loads(runner.invoke(main, ["stats", str(out), "--json"]).output)
     manifest = json.loads((out / "manifest.json").read_text())
     assert as_json["packed"] and as_json["packing"] == manifest["packing"]
@@ -141,3 +187,33 @@ def test_cli_stats_on_packed_build(tmp_path):
         assert s["rows"] == manifest["packing"][split]["rows"]
     missing = runner.invoke(main, ["stats", str(tmp_path)])
     assert missing.exit_code == 1 and "no sftdata output" in missing.output
+    assert as_json["truncation"]["tokens_lost"] == manifest["tokens"]["lost_to_truncation"]["tokens"] > 0
+    assert sum(as_json["conversations"]["assistant_turns"].values()) == 200  # 150 Alpaca rows + 50 conversations
+
+
+def test_stats_help_mentions_only_what_it_takes():
+    from sftdata.cli import main
+
+    text = CliRunner().invoke(main, ["stats", "--help"]).output
+    mentioned = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", text))
+    taken = {"--html", "--json", "--color", "--no-color", "--help"}
+    assert mentioned - taken == {"--max-length"} and "(build --max-length)" in " ".join(text.split())
+
+
+def test_tokens_lost_to_truncation_match_an_untruncated_build(tmp_path):
+    from sftdata.build import build
+
+    chat = str(REPO / "examples" / "data" / "chat.jsonl")
+    full = build([chat], output=tmp_path / "full").manifest
+    cut = build([chat], output=tmp_path / "cut", max_length=40).manifest
+    kept = {r["row"] for r in pq.read_table(tmp_path / "cut" / "train-00000.parquet", columns=["row"]).to_pylist()}
+    rows = [r for r in pq.read_table(tmp_path / "full" / "train-00000.parquet", columns=["row", "labels"]).to_pylist()
+            if r["row"] in kept]  # rows left with no trained token after the cut are skipped, not truncated
+    expected_tokens = sum(max(0, len(r["labels"]) - 40) for r in rows)
+    expected_trained = sum(sum(1 for x in r["labels"][40:] if x != -100) for r in rows)
+    assert cut["tokens"]["lost_to_truncation"] == {"tokens": expected_tokens, "trained": expected_trained}
+    assert full["tokens"]["lost_to_truncation"] == {"tokens": 0, "trained": 0}
+    assert cut["tokens"]["total"] + expected_tokens == sum(len(r["labels"]) for r in rows)
+    report = stats(tmp_path / "cut")
+    assert (report["truncation"]["tokens_lost"], report["truncation"]["trained_tokens_lost"]) == (
+        expected_tokens, expected_trained)

@@ -14,7 +14,7 @@ from template_helpers import TOKENIZERS, gemma_standin, phi3_standin, require_sh
 
 
 def test_official_pairs_pass_everything():
-    for name, tok in [("llama3", "llama3_1"), ("tokenizer", "llama3_1")]:
+    for name, tok in [("llama3_0", "llama3_1"), ("tokenizer", "llama3_1")]:
         report = verify(shared_tokenizer(tok), name)
         assert report.ok, report.format_text()
         assert report.invariant_ok and report.differs_from_tokenizer is False
@@ -60,7 +60,7 @@ def test_gemma_on_a_vocabulary_with_its_markers():
     report = verify(gemma_standin(), "gemma")
     assert report.invariant_ok, report.format_text()
     notes = report.check("special-tokens", "tokenizer + template").notes
-    assert any("is not eos_token" in n for n in notes)  # GUIDE §3.7: trained explicitly
+    assert any("is not eos_token" in n for n in notes)  # failure mode 7: trained explicitly
 
 
 def test_mistral_template_refuses_system_like_the_official_one():
@@ -68,15 +68,19 @@ def test_mistral_template_refuses_system_like_the_official_one():
     assert report.invariant_ok, report.format_text()
     masks = report.check("exact-masks")
     assert any("system-prompt" in n and "refuses" in n for n in masks.notes)
-    # "[/INST]," merges into one token: such rows are refused with the reason, not trained
-    assert any("leading-punctuation" in n and "serving-prefix" in n for n in masks.notes)
+    # "[/INST]," merges into one token: the turn is trained as tok(prompt) + tok(completion), as a server feeds it
+    prefix = report.check("serving-prefix")
+    assert any(n.startswith("leading-punctuation") and "tok(prompt) + tok(completion)" in n for n in prefix.notes)
 
 
 def test_edge_cases_are_refused_with_reasons_not_silently():
     report = verify(shared_tokenizer("qwen3"), "chatml")
     notes = report.check("exact-masks").notes
-    assert any(n.startswith("leading-newline") and "serving-prefix-tokens" in n for n in notes)
     assert any(n.startswith("template-markers") and "--special-text reject" in n for n in notes)
+    prefix = report.check("serving-prefix").notes
+    assert any(n.startswith("leading-newline") and "tok(prompt) + tok(completion)" in n for n in prefix)
+    for kind in ("tool-call", "parallel-calls", "reasoning"):
+        assert any(n.startswith(f"{kind}: the template does not support") for n in notes), kind
 
 
 def test_phi3_with_rstrip_added_tokens():
@@ -119,8 +123,8 @@ def test_preflight_takes_the_build_encoder():
 
 
 def test_report_json_shape():
-    data = verify(shared_tokenizer("llama3_1"), "llama3").to_dict()
-    assert data["ok"] is True and data["template"]["name"] == "llama3"
+    data = verify(shared_tokenizer("llama3_1"), "llama3_0").to_dict()
+    assert data["ok"] is True and data["template"]["name"] == "llama3_0"
     assert {c["check"] for c in data["checks"]} == {"fidelity", "serving-prefix", "history", "exact-masks",
                                                      "round-trip", "special-tokens"}
     assert len(SUITE) >= 10
@@ -131,7 +135,7 @@ def test_cli_exit_status_and_json():
 
     require_shared("llama3_1")
     runner = CliRunner()
-    ok = runner.invoke(main, ["verify", "--tokenizer", str(TOKENIZERS / "llama3_1"), "--template", "llama3", "--json"])
+    ok = runner.invoke(main, ["verify", "--tokenizer", str(TOKENIZERS / "llama3_1"), "--template", "llama3_0", "--json"])
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout)["ok"] is True
     bad = runner.invoke(main, ["verify", "--tokenizer", str(TOKENIZERS / "qwen3"), "--template", "chatml"])

@@ -142,7 +142,7 @@ def record_row(record: Record) -> dict[str, Any]:
     """A kept record as an output row: canonical ``messages`` (or ``text``) plus the row's other fields."""
     row: dict[str, Any] = {}
     if record.is_chat:
-        row["messages"] = record.messages_as_dicts()
+        row["messages"] = [{k: v for k, v in m.to_json().items() if k not in (m.fields or {})} for m in record.messages]
     else:
         row["text"] = record.text
     for k, v in record.extra.items():

@@ -61,14 +61,15 @@ BATCH_BYTES = 4 << 20  # a batch is also cut after this many input bytes, so a b
 
 @dataclass
 class ReadStats:
-    """Per-file facts for the manifest: the file's format (the one most rows are in), rows read, and rows normalized
-    per format (more than one where the file mixes formats)."""
+    """Per-file facts for the manifest: the file's format (the one most rows are in), rows read, rows normalized per
+    format (more than one where the file mixes formats), and how often each input field was ignored."""
 
     path: str
     format: str | None = None
     rows: int = 0
     bytes: int = 0
     formats: Counter[str] = field(default_factory=Counter)
+    ignored_fields: Counter[str] = field(default_factory=Counter)
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------------
@@ -189,6 +190,8 @@ def read_records(
     format: str | None = None,
     columns: dict[str, str] | str | None = None,
     strip: bool = False,
+    system_prompt: str | None = None,
+    template_variables: frozenset[str] | set[str] = frozenset(),
     problems: ProblemLog | None = None,
     batch_size: int = 1000,
     stats: list[ReadStats] | None = None,
@@ -206,7 +209,8 @@ def read_records(
     """
     if format is not None and format not in FORMATS:
         raise DataError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
-    options = IngestOptions(format=format, columns=parse_columns(columns), strip=strip)
+    options = IngestOptions(format=format, columns=parse_columns(columns), strip=strip, system_prompt=system_prompt,
+                            template_variables=frozenset(template_variables))
     opts = ReadOptions(max_row_bytes=max_row_bytes, text_part_bytes=text_part_bytes, columns=options.columns)
     problems = problems if problems is not None else ProblemLog()
     batch: list[Record] = []
@@ -241,6 +245,7 @@ def read_records(
         file_stats.format = fmt  # known from here on (build reads one batch to learn an input's format)
         forced = options.format is not None
         file_key, mapped_key = marking_fields(fmt, options.columns) if fmt is not None else ("", "")
+        trainable = fmt in FORMATS  # "preference" is detected only to be refused, and only rows that fully match
         reported = batch_start = 0
         for row_number, row in rows:
             file_stats.rows += 1
@@ -249,18 +254,23 @@ def read_records(
                 reported = pos.done
             if type(row) is dict:
                 if forced or file_key in row or mapped_key in row:
-                    row_fmt = fmt
-                elif (row_fmt := row_format(row, options.columns)) is None:
+                    row_fmt = fmt if trainable or detect_format(row, options.columns) == fmt else None
+                elif (row_fmt := row_format(row, options.columns)) not in FORMATS and row_fmt is not None:
+                    row_fmt = row_fmt if detect_format(row, options.columns) == row_fmt else None
+                if row_fmt is None:
                     problems.add(Problem(path_str, row_number, "ingest", "unknown-format",
                                          f"the fields {sorted(map(str, row))[:8]} match no known format"))
                     continue
                 try:
-                    messages, text, extra = normalize_row(row, row_fmt, options)
+                    normalized = normalize_row(row, row_fmt, options)
                 except RowError as e:
                     problems.add(Problem(path_str, row_number, "ingest", e.kind, e.detail))
                     continue
                 file_stats.formats[row_fmt] += 1
-                batch.append(Record(source=path_str, row=row_number, messages=messages, text=text, extra=extra))
+                file_stats.ignored_fields.update(normalized.ignored)
+                batch.append(Record(source=path_str, row=row_number, messages=normalized.messages, text=normalized.text,
+                                    tools=normalized.tools, template_kwargs=normalized.template_kwargs,
+                                    extra=normalized.extra))
             elif type(row) is TextPart:
                 file_stats.formats["text"] += 1
                 batch.append(Record(source=path_str, row=row_number, text=row.text, continued=row.continued))
