@@ -172,7 +172,8 @@ def build(
         column_map = parse_columns(columns)
         encode_options = EncodeOptions(train_turns=train_turns, train_on_prompt=train_on_prompt, special_text=special_text,
                                        history_policy=history_policy, tokenization=tokenization,
-                                       template_kwargs=dict(template_kwargs or {}))
+                                       template_kwargs=dict(template_kwargs or {}),
+                                       max_length=max_length if truncation == "right" else None)
 
         tok = load_tokenizer(tokenizer, template=template)
         tpl = load_template(template, tok)

@@ -68,8 +68,9 @@ class EncodeOptions:
     ``tokenization``: ``auto`` or ``context`` (see module docstring). ``template_kwargs``: template variables for every
     row (``enable_thinking`` ...); a row's own ``chat_template_kwargs`` override them. ``template_date``: the date
     (``YYYY-MM-DD``) templates that print today's date (gpt-oss, Llama-3.2 via ``strftime_now``) render, so a build
-    renders the same text whenever it runs; None renders the real date. ``check_decode``: run the decode check on
-    every trained run.
+    renders the same text whenever it runs; None renders the real date. ``max_length``: the length examples are cut to from the right
+    (turns that would be cut entirely are not planned, and are counted); None when nothing is truncated.
+    ``check_decode``: run the decode check on every trained run.
     """
 
     train_turns: str = "all"
@@ -79,6 +80,7 @@ class EncodeOptions:
     tokenization: str = "auto"
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     template_date: str | None = None
+    max_length: int | None = None
     check_decode: bool = True
 
     def __post_init__(self) -> None:
@@ -116,7 +118,7 @@ class _Turn:
     """One trained assistant turn inside an example text: its serving prompt and where its target ends."""
 
     message: int
-    prompt: str
+    prompt_end: int  # the serving prompt P_k is the example text up to here
     end: int  # character offset in the example text right after the end-of-turn marker
     marker: str  # the end-of-turn marker the target ends with
     content: str
@@ -253,6 +255,14 @@ class Encoder:
         main: list[_Turn] = []
         separate: list[tuple[str, _Turn]] = []
         counts: Counter = Counter()
+        if self.options.max_length and len(trained) > 8:
+            beyond = self._beyond_max_length(messages, full, trained)
+            if beyond:
+                counts["turns_beyond_max_length"] += len(beyond)
+                trained = [k for k in trained if k not in beyond]
+                if not trained:
+                    raise Refused("too-long", f"every trained turn starts after --max-length {self.options.max_length} "
+                                              "tokens: truncation would leave no trained token")
         for k in trained:
             prompt = render(messages[:k], True)
             last = k + 1 == len(messages)
@@ -260,11 +270,11 @@ class Encoder:
             target = self._target(prompt, through)
             if target is None:
                 text, marker = self._composed_target(messages, record.messages[k], k, prompt, through, render)
-                turn = _Turn(k, prompt, len(prompt) + len(text), marker, messages[k]["content"] or "", composed=True)
+                turn = _Turn(k, len(prompt), len(prompt) + len(text), marker, messages[k]["content"] or "", composed=True)
                 separate.append((prompt + text, turn))
                 continue
             text, marker = target
-            turn = _Turn(k, prompt, len(prompt) + len(text), marker, messages[k]["content"] or "")
+            turn = _Turn(k, len(prompt), len(prompt) + len(text), marker, messages[k]["content"] or "")
             if last or (full.startswith(prompt) and full.startswith(text, len(prompt))):
                 main.append(turn)
                 continue
@@ -290,8 +300,30 @@ class Encoder:
         for plan in plans:
             plan.segments = self._segments(plan, messages, render)
             for turn in plan.turns:
-                turn.cut = self._last_control_end(turn.prompt)
+                turn.cut = self._last_control_end(plan.text, turn.prompt_end)
         return plans
+
+    def _beyond_max_length(self, messages: list[dict[str, Any]], full: str, trained: list[int]) -> set[int]:
+        """Trained turns that right-truncation to ``max_length`` would cut entirely: the message before the turn ends at
+        or after the first token past the limit, so its serving prompt, and everything trained after it, do too.
+
+        Rendering a serving prompt per turn costs a render of the whole history: a conversation of n turns costs n².
+        With a length limit only the turns inside it are rendered, which bounds the cost of very long conversations."""
+        enc = self.backend.encode(full, add_special_tokens=False)
+        if len(enc.ids) <= self.options.max_length:
+            return set()
+        cutoff = enc.offsets[self.options.max_length][0]
+        beyond, cursor = set(), 0
+        for i, message in enumerate(messages):
+            content = (message.get("content") or "").strip()
+            at = full.find(content, cursor) if content else -1
+            if content and at < 0:
+                break  # the template rewrites this content: stop locating, keep the remaining turns (exact, slower)
+            if at >= 0:
+                cursor = at + len(content)
+            if i + 1 in trained and i + 1 > 0 and cursor >= cutoff and at >= 0:
+                beyond.add(i + 1)
+        return beyond
 
     def _composed_target(self, messages: list[dict[str, Any]], message: Any, k: int, prompt: str, through: str,
                          render: Any) -> tuple[str, str]:
@@ -365,7 +397,7 @@ class Encoder:
         """Refuse a row whose tool calls, reasoning, tools or tool results the template does not render: training it
         would teach answers without the calls or thoughts that produced them."""
         for turn, text in turns:
-            target = text[len(turn.prompt):turn.end]
+            target = text[turn.prompt_end:turn.end]
             message = messages[turn.message]
             for call in message.get("tool_calls") or ():
                 function = call["function"]
@@ -410,7 +442,7 @@ class Encoder:
                     segments.append((at, end, _ROLE_KIND.get(message["role"], 0)))
                     cursor = end
                 continue
-            start, end = len(turn.prompt), turn.end
+            start, end = turn.prompt_end, turn.end
             target = text[start:end]
             parts = []
             if turn.composed and message.get("reasoning_content"):
@@ -422,7 +454,7 @@ class Encoder:
                     continue
                 without = {k: v for k, v in message.items() if k != key and not (key == "reasoning_content" and k in ("reasoning", "thinking"))}
                 try:
-                    other = render(messages[:i] + [without])[len(turn.prompt):]
+                    other = render(messages[:i] + [without])[turn.prompt_end:]
                 except Refused:
                     continue
                 other = _strip_suffix(other, self.header).rstrip()
@@ -447,20 +479,21 @@ class Encoder:
             kinds[i:j] = [kind] * (j - i)
         return kinds
 
-    def _last_control_end(self, prompt: str) -> int:
+    def _last_control_end(self, text: str, end: int) -> int:
+        """End of the last added token in ``text[:end]`` (0 if none)."""
         if self._added_re is None:
             return 0
-        end = 0
-        for m in self._added_re.finditer(prompt, max(0, len(prompt) - 256)):
-            end = m.end()
-        if end == 0:
-            for m in self._added_re.finditer(prompt):
-                end = m.end()
-        return end
+        last = 0
+        for start in (max(0, end - 256), 0):
+            for m in self._added_re.finditer(text, start, end):
+                last = m.end()
+            if last:
+                break
+        return last
 
     # -- tokenization ---------------------------------------------------------------------------------------------
 
-    def _prompt_length(self, turn: _Turn, ids: list[int], offsets: list[tuple[int, int]], starts: list[int],
+    def _prompt_length(self, text: str, turn: _Turn, ids: list[int], offsets: list[tuple[int, int]], starts: list[int],
                        tail_ids: list[int]) -> tuple[int, list[int] | None]:
         """Number of tokens of ``tok(P_k)`` when it is a token prefix of ``ids``; else ``(-1, tok(P_k))``.
 
@@ -473,7 +506,7 @@ class Encoder:
         j = bisect_left(starts, cut)
         if (cut == 0 or (j > 0 and offsets[j - 1][1] == cut)) and ids[j:j + len(tail_ids)] == tail_ids:
             return j + len(tail_ids), None
-        prompt_ids = self.backend.encode(turn.prompt, add_special_tokens=False).ids
+        prompt_ids = self.backend.encode(text[:turn.prompt_end], add_special_tokens=False).ids
         if ids[:len(prompt_ids)] == prompt_ids:
             return len(prompt_ids), None
         return -1, prompt_ids
@@ -485,7 +518,7 @@ class Encoder:
         kept: list[_Turn] = []
         apart: list[Encoded] = []
         for turn, tail_enc in zip(plan.turns, tail_encs):
-            start, prompt_ids = self._prompt_length(turn, ids, offsets, starts, tail_enc.ids)
+            start, prompt_ids = self._prompt_length(plan.text, turn, ids, offsets, starts, tail_enc.ids)
             if prompt_ids is not None:
                 at = next((i for i, (a, b) in enumerate(zip(ids, prompt_ids)) if a != b), min(len(ids), len(prompt_ids)))
                 if self.options.tokenization == "context":
@@ -527,7 +560,7 @@ class Encoder:
 
     def _encode_apart(self, plan: _Plan, turn: _Turn, prompt_ids: list[int]) -> Encoded:
         """The turn as its own example: ``tok(P_k) + tok(target)``, what a server feeds and the model emits."""
-        completion = plan.text[len(turn.prompt):turn.end]
+        completion = plan.text[turn.prompt_end:turn.end]
         completion_ids = self.backend.encode(completion, add_special_tokens=False).ids
         decoded = self.backend.decode(completion_ids, skip_special_tokens=False)
         if _nfc(decoded) != _nfc(completion):
@@ -536,11 +569,11 @@ class Encoder:
         ids = list(prompt_ids) + completion_ids
         labels = list(ids) if self.options.train_on_prompt else [IGNORE_INDEX] * len(prompt_ids) + completion_ids
         counts = Counter({"tokenized_apart": 1}) + self._turn_counts(plan.record, [turn])
-        prompt_enc = self.backend.encode(turn.prompt, add_special_tokens=False)
+        prompt_enc = self.backend.encode(plan.text[:turn.prompt_end], add_special_tokens=False)
         completion_enc = self.backend.encode(completion, add_special_tokens=False)
         kinds = (self._token_kinds(plan.segments, [o[0] for o in prompt_enc.offsets], len(prompt_ids))
                  + self._token_kinds(plan.segments, [o[0] for o in completion_enc.offsets], len(completion_ids),
-                                     offset=len(turn.prompt)))
+                                     offset=turn.prompt_end))
         for kind in kinds[len(prompt_ids):]:
             counts[f"trained_tokens_{KINDS[kind]}"] += 1
         return Encoded(plan.record.source, plan.record.row, ids, labels, [(len(prompt_ids), len(ids))],
@@ -560,7 +593,7 @@ class Encoder:
         decoded = self.backend.decode_batch([ids[s:e] for s, e in spans], skip_special_tokens=False)
         for (s, e), text, turn in zip(spans, decoded, turns):
             rendered = plan.text[offsets[s][0]:offsets[e - 1][1]]
-            target = plan.text[len(turn.prompt):turn.end]
+            target = plan.text[turn.prompt_end:turn.end]
             expected = self._without_absorbed_whitespace(plan.text, ids, offsets, s, e) if self._absorbing else rendered
             # SentencePiece decoders drop the "▁" of a run's first token; compare modulo whitespace at the run's edges.
             if text.strip() != expected.strip() and _nfc(text).strip() != _nfc(expected).strip():
@@ -638,7 +671,7 @@ class Encoder:
         chat_inputs: list[str] = []
         for _, plan in plans:
             chat_inputs.append(plan.text)
-            chat_inputs.extend(turn.prompt[turn.cut:] for turn in plan.turns)
+            chat_inputs.extend(plan.text[turn.cut:turn.prompt_end] for turn in plan.turns)
         encodings = self.backend.encode_batch(chat_inputs, add_special_tokens=False) if chat_inputs else []
         i = 0
         for position, plan in plans:

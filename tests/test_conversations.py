@@ -398,3 +398,21 @@ def test_a_template_past_its_budget_fails_fast_with_a_reason():
         Record("t.jsonl", 1, [Message("user", "loop"), Message("assistant", "ok")]),
         Record("t.jsonl", 2, [Message("user", "fine"), Message("assistant", "ok")])])
     assert [(p.row, p.kind) for p in problems] == [(1, "template-budget")] and [ex.row for ex in examples] == [2]
+
+
+def test_long_conversations_plan_only_the_turns_inside_max_length():
+    """A serving prompt per turn costs a render of the whole history (n² for n turns). With right-truncation, turns the
+    cut would remove entirely are not planned: the truncated examples are identical, and the skipped turns are counted."""
+    from sftdata.render import truncate
+
+    tok = shared_tokenizer("qwen3")
+    messages = []
+    for i in range(300):
+        messages += [Message("user", f"question {i} " * 3), Message("assistant", f"answer {i}")]
+    record = Record("t.jsonl", 1, messages)
+    _, bounded, problems = encode(tok, "qwen3", record, max_length=2000)
+    _, full, _ = encode(tok, "qwen3", record)
+    assert problems == [] and (len(bounded), len(full)) == (75, 300)
+    cut = lambda examples: [(x.input_ids, x.labels) for x in (truncate(e, 2000) for e in examples) if x]  # noqa: E731
+    assert cut(bounded) == cut(full)
+    assert sum(ex.counts["turns_beyond_max_length"] for ex in bounded) == 225
