@@ -14,7 +14,7 @@ from typing import Any
 import xxhash
 
 from sftdata import __version__
-from sftdata.ingest import ReadStats, input_size, parse_columns, read_records
+from sftdata.ingest import ReadStats, input_size, parse_columns, read_records, resolve_inputs
 from sftdata.record import DataError, ProblemLog, Record
 from sftdata.render import EncodeOptions, Encoded, Encoder, truncate
 from sftdata.policy import plan_history_policy
@@ -161,9 +161,7 @@ def build(
         raise DataError("--pack needs --max-length N (the packed row length)")
     if not 0 <= eval_fraction < 1:
         raise DataError(f"--eval-fraction must be in [0, 1), not {eval_fraction}")
-    for path in inputs:
-        if not Path(path).exists() and not ("/" in path and Path(path).suffix == "" and not path.startswith((".", "/"))):
-            raise DataError(f"{path}: no such file or directory")
+    inputs = [source.path for source in resolve_inputs(inputs)]  # checked and expanded before any tokenizer loads
     output = Path(output)
     check_output_paths(output, inputs=[*inputs, *decontaminate], report=report)
     # Held to the end: a second build of this output fails naming this one; puts back an output a killed build

@@ -52,7 +52,8 @@ def main() -> None:
               help="Output directory, replaced as a whole when the build succeeds; a build refuses one that holds "
                    "files sftdata did not write, and two builds of one output cannot run at once.")
 @click.option("--format", "fmt", type=click.Choice(["alpaca", "messages", "sharegpt", "prompt-completion", "text"]),
-              default=None, help="Force the row format instead of detecting it per file.")
+              default=None, help="Force the row format instead of detecting it (per file over its first rows, and per "
+                                 "row where a file mixes formats).")
 @click.option("--columns", default=None, metavar="MAP",
               help="Map canonical fields to this corpus's fields, e.g. 'instruction=question,output=answer' (GSM8K).")
 @click.option("--strip/--no-strip", default=False, show_default=True,
@@ -100,8 +101,9 @@ def build_command(inputs, template, tokenizer, output, fmt, columns, strip, max_
                   history_policy, tokenization, template_kwargs, system_prompt, allow_unverified, workers, force, quiet):
     """Render and tokenize INPUTS into training-ready Parquet with exact -100 label masks.
 
-    INPUTS are .jsonl/.json/.csv/.parquet/.txt files (optionally .gz), saved Hugging Face dataset directories or
-    hub dataset ids, in Alpaca, OpenAI messages, ShareGPT, prompt/completion or raw-text format.
+    INPUTS are .jsonl/.json/.csv/.parquet/.txt files (optionally .gz), directories of such files (read file by
+    file, sorted), saved Hugging Face dataset directories or hub dataset ids, in Alpaca, OpenAI messages, ShareGPT,
+    prompt/completion or raw-text format. All are checked before the tokenizer loads.
     """
     from sftdata.build import build
     from sftdata.tokenizer import default_tokenizer_for

@@ -130,7 +130,7 @@ def test_bad_rows_are_reported_with_line_and_reason_and_the_rest_is_read(tmp_pat
         '{"instruction": "broken", "output": ',                           # 2 malformed JSON
         json.dumps({"instruction": "no output"}),                          # 3 missing field
         json.dumps({"instruction": 5, "output": "x"}),                     # 4 wrong type
-        json.dumps({"messages": [{"role": "wizard", "content": "x"}]}),   # 5 unknown role (format is alpaca by detection)
+        json.dumps({"messages": [{"role": "wizard", "content": "x"}]}),   # 5 unknown role (the row is re-detected)
         "",                                                                # 6 blank line: ignored
         json.dumps({"instruction": "ok 2", "output": "fine"}),
     ]
@@ -142,7 +142,7 @@ def test_bad_rows_are_reported_with_line_and_reason_and_the_rest_is_read(tmp_pat
     records, problems = read_all([str(path)])
     assert [r.row for r in records] == [1, 7]
     found = {(p.row, p.kind) for kind in problems.examples.values() for p in kind}
-    assert found == {(2, "malformed-json"), (3, "missing-field"), (4, "wrong-type"), (5, "missing-field"),
+    assert found == {(2, "malformed-json"), (3, "missing-field"), (4, "wrong-type"), (5, "unknown-role"),
                      (8, "bad-utf8"), (9, "empty-assistant")}
     detail = {p.row: p.detail for kind in problems.examples.values() for p in kind}
     assert detail[3] == "missing field 'output'"
@@ -182,18 +182,25 @@ def test_bad_files_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="unsupported file type"):
         (tmp_path / "a.xml").write_text("<x/>")
         read_all([str(tmp_path / "a.xml")])
+    # Damaged data is a problem with its row (the file is read up to the damage), not a stop.
     bad = tmp_path / "bad.json"
-    bad.write_bytes(b'[{"instruction": "\xff"}]')
-    with pytest.raises(DataError, match="not valid UTF-8"):
-        read_all([str(bad)])
+    bad.write_bytes(b'[{"instruction": "\xff", "output": "x"}, {"instruction": "a", "output": "b"}]')
+    records, problems = read_all([str(bad)])
+    assert [r.row for r in records] == [2]
+    assert [(p.row, p.kind, p.detail) for p in problems.examples["bad-utf8"]] == [
+        (1, "bad-utf8", "invalid UTF-8 in the row at line 1 column 2")]
     broken = tmp_path / "broken.json"
-    broken.write_text('[{"instruction": "a", ')
-    with pytest.raises(DataError, match="malformed JSON at line 1"):
-        read_all([str(broken)])
+    broken.write_text('[{"instruction": "a", "output": "b"}, {"instruction": "a", ')
+    records, problems = read_all([str(broken)])
+    assert [r.row for r in records] == [1]
+    assert [(p.row, p.detail) for p in problems.examples["malformed-json"]] == [
+        (2, "malformed JSON: Expecting property name enclosed in double quotes at line 1 column 60; "
+            "the rest of the file was not read")]
     corrupt = tmp_path / "c.parquet"
     corrupt.write_bytes(b"PAR1 not really")
-    with pytest.raises(DataError, match="not a readable Parquet file"):
-        read_all([str(corrupt)])
+    records, problems = read_all([str(corrupt)])
+    assert records == [] and [p.row for p in problems.examples["unreadable-file"]] == [0]
+    assert problems.examples["unreadable-file"][0].detail.startswith("not a readable Parquet file: ")
 
 
 def test_several_inputs_keep_their_sources(tmp_path):

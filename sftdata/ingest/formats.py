@@ -119,6 +119,36 @@ def detect_format(row: dict[str, Any], columns: dict[str, str] | None = None) ->
     return None
 
 
+# The field that marks each format in a single row, in the order formats are tried (as in detect_format).
+_MARKING_FIELD = {"messages": "messages", "sharegpt": "conversations", "alpaca": "instruction",
+                  "prompt-completion": "prompt", "preference": "chosen", "xlam": "answers", "text": "text"}
+
+
+def marking_fields(fmt: str, columns: dict[str, str] | None = None) -> tuple[str, str]:
+    """The input field names (canonical, mapped) whose presence says a row is in ``fmt``."""
+    canonical = _MARKING_FIELD[fmt]
+    return canonical, (columns or {}).get(canonical, canonical)
+
+
+def row_format(row: dict[str, Any], columns: dict[str, str] | None = None) -> str | None:
+    """The format of one row of a mixed file, judged by its marking field alone (``instruction`` without ``output``
+    is still Alpaca, so the row is reported as missing ``output`` rather than as of no known format)."""
+    for fmt in _MARKING_FIELD:
+        canonical, mapped = marking_fields(fmt, columns)
+        if canonical in row or mapped in row:
+            return fmt
+    return None
+
+
+def detect_file_format(sample: list[Any], columns: dict[str, str] | None = None) -> str | None:
+    """The format most rows of ``sample`` are in (ties: the first seen); None when no row has a known format."""
+    counts: dict[str, int] = {}
+    for row in sample:
+        if isinstance(row, dict) and (fmt := detect_format(row, columns)) is not None:
+            counts[fmt] = counts.get(fmt, 0) + 1
+    return max(counts, key=counts.__getitem__) if counts else None
+
+
 def _string_field(row: dict[str, Any], name: str, *, required: bool) -> str | None:
     value = row.get(name)
     if value is None:
