@@ -1,29 +1,51 @@
-"""``build``: ingest → clean → render/tokenize → truncate → split → (pack) → write, streaming in batches."""
+"""``build``: run a :class:`~sftdata.recipe.Recipe` — read → filter → decontaminate → render/tokenize → truncate → dedup
+→ split → mix → (pack) → write.
+
+A build is three phases:
+
+1. **Per row** (streaming, any engine): every source is read in batches and each batch goes through the
+   :class:`~sftdata.pipeline.RowPipeline`; the examples are staged in an Arrow file, the counters, problems and
+   removals merged, and the records that produced an example are sketched for dedup.
+2. **Dedup** (global): clusters are formed over the rows that passed every per-row check, so the representative kept
+   for a cluster is always a row that is in the output.
+3. **Splits, mixing, writing** (global, over per-example facts only): each example's split comes from its group
+   hash, the training split is mixed to the sources' target shares by seeded sampling of whole conversations, every
+   split is shuffled, and written to ``DIR/<split>/`` (packed or not) next to ``manifest.json``.
+
+Every row read ends in exactly one place: kept (in a split), skipped (``problems.jsonl``, by kind) or removed
+(``removed.jsonl``, by reason): ``rows_read == rows_kept + skipped + removed`` in the manifest.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from collections import Counter, defaultdict
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
-import xxhash
+import numpy as np
+import pyarrow as pa
 
 from sftdata import __version__
 from sftdata.ingest import ReadStats, input_size, parse_columns, read_records, resolve_inputs
-from sftdata.record import DataError, ProblemLog, Record
-from sftdata.render import EncodeOptions, Encoded, Encoder, truncate
+from sftdata.mix import SPLIT_ORDER, MixTarget, assign_splits, plan_mix
+from sftdata.pipeline import STAGE_SCHEMA, BatchOutput, PipelineSpec, RowPipeline, data_source_file
 from sftdata.policy import plan_history_policy
+from sftdata.recipe import DEFAULT_OUTPUT, Recipe, Source, load_recipe
+from sftdata.record import DataError, ProblemLog, Record, Removal
+from sftdata.render import EncodeOptions, Encoder
 from sftdata.templates import load_template
-from sftdata.verify import preflight
 from sftdata.tokenizer import load_tokenizer, tokenizer_identity
+from sftdata.verify import preflight
 from sftdata.write import (
     FORMAT,
     LABELS_NOTE,
+    UNPACKED_SCHEMA,
     OutputClaim,
     SplitWriter,
     check_output_files,
@@ -36,8 +58,9 @@ from sftdata.write import (
     write_manifest,
 )
 
-DEFAULT_OUTPUT = "sftdata-out"
-TRUNCATION = ("right", "drop")
+__all__ = ["BuildResult", "DEFAULT_OUTPUT", "build", "run_recipe"]
+
+GATHER_ROWS = 50_000  # examples gathered from the staging file at a time when writing a split
 
 
 @dataclass
@@ -47,372 +70,594 @@ class BuildResult:
     up_to_date: bool = False
 
 
-def assign_split(key: str, row: int, eval_fraction: float, seed: int) -> str:
-    """Deterministic train/validation assignment from the input file's hash, the row and the seed."""
-    if eval_fraction <= 0:
-        return "train"
-    h = xxhash.xxh64_intdigest(f"{seed}:{key}:{row}".encode())
-    return "validation" if h < eval_fraction * 2**64 else "train"
+# -- entry points ---------------------------------------------------------------------------------------------------
 
+def build(inputs: Any = None, *, config: str | Path | Recipe | None = None, force: bool = False, progress: bool = False,
+          console: Any = None, **options: Any) -> BuildResult:
+    """Build training-ready token data (Parquet per split + ``manifest.json``).
 
-class _Progress:
-    """A rich progress bar over input bytes (no-op when disabled)."""
-
-    def __init__(self, enabled: bool, total: int, console: Any = None):
-        self.enabled = enabled
-        self._progress = None
-        if enabled:
-            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-                                      TextColumn("{task.fields[rows]} rows"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                      console=console, transient=False)
-            self._task = self._progress.add_task("build", total=total or None, rows=0)
-
-    def __enter__(self):
-        if self._progress is not None:
-            self._progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
-
-    def phase(self, description: str, total: int) -> None:
-        if self._progress is not None:
-            self._progress.reset(self._task, total=total or None, description=description, rows=0)
-
-    def advance(self, nbytes: int) -> None:
-        if self._progress is not None:
-            self._progress.advance(self._task, nbytes)
-
-    def rows(self, n: int) -> None:
-        if self._progress is not None:
-            task = self._progress.tasks[0]
-            self._progress.update(self._task, rows=task.fields["rows"] + n)
-
-
-def _columns(examples: list[Encoded]) -> dict[str, list[Any]]:
-    return {
-        "input_ids": [e.input_ids for e in examples],
-        "labels": [e.labels for e in examples],
-        "source": [e.source for e in examples],
-        "row": [e.row for e in examples],
-        "num_tokens": [len(e.input_ids) for e in examples],
-        "num_trained": [e.num_trained for e in examples],
-        "truncated": [e.truncated for e in examples],
-        "kinds": [e.kinds for e in examples],
-    }
-
-
-def build(
-    inputs: list[str] | str,
-    *,
-    template: str = "chatml",
-    tokenizer: str | None = None,
-    output: str | Path = DEFAULT_OUTPUT,
-    format: str | None = None,
-    columns: dict[str, str] | str | None = None,
-    strip: bool = False,
-    max_length: int | None = None,
-    truncation: str = "right",
-    train_turns: str = "all",
-    train_on_prompt: bool = False,
-    special_text: str = "reject",
-    on_error: str = "skip",
-    pack: bool = False,
-    eval_fraction: float = 0.0,
-    seed: int = 0,
-    dedup: bool = False,
-    dedup_options: dict[str, Any] | None = None,
-    decontaminate: list[str] | tuple[str, ...] = (),
-    decontaminate_options: dict[str, Any] | None = None,
-    report: str | Path | None = None,
-    history_policy: str = "auto",
-    tokenization: str = "auto",
-    template_kwargs: dict[str, Any] | None = None,
-    template_date: str | None = None,
-    system_prompt: str | None = None,
-    allow_unverified: bool = False,
-    batch_size: int = 1000,
-    workers: int = 1,
-    force: bool = False,
-    progress: bool = False,
-    console: Any = None,
-) -> BuildResult:
-    """Build training-ready token data from ``inputs`` into ``output`` (Parquet + ``manifest.json``).
-
-    Every row either becomes an example whose labels satisfy the invariants I1–I5 (docs/invariants.md) or is counted
-    in the manifest with its reason (``--on-error skip``), or stops the build (``on_error="fail"``). When ``output``
-    already holds a build with the same fingerprint (input bytes, template, tokenizer, options, sftdata version) and
-    every file it records is intact, nothing is redone unless ``force`` (``report`` is still written). The output is
-    locked for the build, replaced as a whole, and never holds files sftdata did not write (O1–O6).
-    ``history_policy`` (auto/split/last/fail) handles templates that render earlier turns differently from the final
-    one (Qwen3 thinking); ``allow_unverified`` builds even when the template/tokenizer pair fails the preflight
-    invariant checks. ``workers``: encoder processes (1 = in-process; on a 2-core machine a pool measured slower, see bench/).
+    ``inputs``: paths (a file, a list of files, a directory, a hub id), a ``datasets.Dataset``, a list of row dicts, or
+    a :class:`~sftdata.recipe.Recipe`. ``config``: a recipe (file path, or a ``manifest.json`` to replay its build).
+    ``options``: any recipe field (``template=``, ``max_length=``, ``splits=`` ...), overriding the config; also the
+    shorthands ``eval_fraction`` (a validation split), ``dedup=True`` with ``dedup_options``, and ``decontaminate=[eval
+    files]`` with ``decontaminate_options``. When the output already holds a build with the same fingerprint and every
+    file it records is intact, nothing is redone unless ``force``.
     """
+    recipe = recipe_for(inputs, config, options)
+    return run_recipe(recipe, force=force, progress=progress, console=console)
+
+
+def recipe_for(inputs: Any, config: str | Path | Recipe | None, options: dict[str, Any]) -> Recipe:
+    """The recipe a ``build()`` call describes: the config (a Recipe or a file), the inputs as sources, the options."""
+    if isinstance(inputs, Recipe):
+        config, inputs = inputs, None
+    recipe = replace(config) if isinstance(config, Recipe) else load_recipe(config) if config else Recipe()
+    options = dict(options)
+    eval_fraction = options.pop("eval_fraction", None)
+    if eval_fraction:
+        if not 0 < eval_fraction < 1:
+            raise DataError(f"eval_fraction must be in [0, 1), not {eval_fraction}")
+        options["splits"] = {"train": 1 - eval_fraction, "validation": eval_fraction}
+    dedup, dedup_options = options.pop("dedup", None), options.pop("dedup_options", None)
+    if dedup is True or dedup_options:
+        options["dedup"] = dict(dedup_options or {})
+    elif isinstance(dedup, dict):
+        options["dedup"] = dedup
+    evals, decontaminate_options = options.pop("decontaminate", None), options.pop("decontaminate_options", None)
+    if isinstance(evals, dict):
+        options["decontaminate"] = evals
+    elif evals:
+        options["decontaminate"] = {"eval": [str(p) for p in evals], **(decontaminate_options or {})}
+    if "columns" in options:
+        options["columns"] = parse_columns(options["columns"])
+    known = {f.name for f in fields(Recipe)}
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        raise DataError(f"unknown build option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                        f"valid: {', '.join(sorted(known))}")
+    for key, value in options.items():
+        setattr(recipe, key, str(value) if key in ("output", "report") and value is not None else value)
+    if inputs is not None:
+        items = [inputs] if isinstance(inputs, (str, Path)) or hasattr(inputs, "column_names") else list(inputs)
+        if items and all(isinstance(i, dict) for i in items):
+            recipe.sources = [Source(data=items)]
+        else:
+            recipe.sources = [Source(path=str(i)) if isinstance(i, (str, Path)) else
+                              i if isinstance(i, Source) else Source(data=i) for i in items]
+    recipe.__post_init__()
+    return recipe.validate()
+
+
+# -- the run --------------------------------------------------------------------------------------------------------
+
+def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = False, console: Any = None) -> BuildResult:
+    """Run a validated recipe (see the module docstring)."""
     started = time.perf_counter()
-    inputs = [inputs] if isinstance(inputs, (str, Path)) else [str(p) for p in inputs]
-    if not inputs:
-        raise DataError("no input files given")
-    if truncation not in TRUNCATION:
-        raise DataError(f"truncation must be one of {TRUNCATION}, not {truncation!r}")
-    if pack and not max_length:
-        raise DataError("--pack needs --max-length N (the packed row length)")
-    if not 0 <= eval_fraction < 1:
-        raise DataError(f"--eval-fraction must be in [0, 1), not {eval_fraction}")
-    inputs = [source.path for source in resolve_inputs(inputs)]  # checked and expanded before any tokenizer loads
-    output = Path(output)
-    check_output_paths(output, inputs=[*inputs, *decontaminate], report=report)
-    # Held to the end: a second build of this output fails naming this one; puts back an output a killed build
-    # left moved aside; refuses an output holding files sftdata did not write.
-    claim = OutputClaim(output).acquire()
+    recipe.validate()
+    scratch = Path(tempfile.mkdtemp(prefix="sftdata-sources-"))
+    try:
+        inputs = _resolve_sources(recipe, scratch)  # checked and expanded before any tokenizer loads
+        output = Path(recipe.output)
+        evals = list((recipe.decontaminate or {}).get("eval") or [])
+        check_output_paths(output, inputs=[p for paths in inputs for p in paths] + evals, report=recipe.report)
+        claim = OutputClaim(output).acquire()
+        try:
+            return _run_claimed(recipe, inputs, output, claim, started, force, progress, console)
+        finally:
+            claim.release()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_claimed(recipe: Recipe, inputs: list[list[str]], output: Path, claim: OutputClaim, started: float,
+                 force: bool, progress: bool, console: Any) -> BuildResult:
     tmp = None
     try:
-        column_map = parse_columns(columns)
-        encode_options = EncodeOptions(train_turns=train_turns, train_on_prompt=train_on_prompt, special_text=special_text,
-                                       history_policy=history_policy, tokenization=tokenization,
-                                       template_kwargs=dict(template_kwargs or {}),
-                                       max_length=max_length if truncation == "right" else None)
-
-        tok = load_tokenizer(tokenizer, template=template)
-        tpl = load_template(template, tok)
-        if "strftime_now" in tpl.source:
-            # a template that prints today's date renders the build's date, recorded, so a replay renders the same text
-            encode_options.template_date = template_date or time.strftime("%Y-%m-%d", time.gmtime())
-        encoder = Encoder(tpl, tok, encode_options)
-        history = plan_history_policy(encoder)
-        # Verify the template/tokenizer pair once, before reading any data (I1-I4 of docs/invariants.md on a built-in suite).
-        verified = preflight(encoder)
-        if not verified.invariant_ok and not allow_unverified:
-            raise DataError(f"template {tpl.name!r} with tokenizer {getattr(tok, 'sftdata_name', tok.name_or_path)!r} fails "
-                            f"the invariant checks (pass --allow-unverified to build anyway):\n{verified.format_text()}")
-        warnings: list[str] = []
-        if verified.differs_from_tokenizer:
-            warnings.append(f"template {tpl.name!r} differs from the tokenizer's own chat_template; the trainer saves "
-                            "this training template with the adapter, so serve with it")
-        if not verified.invariant_ok:
-            warnings.append("built with --allow-unverified although the invariant checks failed")
-        tok_identity = tokenizer_identity(tok)
-        # What load_tokenizer() takes to get the same tokenizer back (show, train).
-        tok_identity["load"] = (str(Path(tokenizer).resolve()) if tokenizer and Path(tokenizer).exists()
-                                else tokenizer or tok.sftdata_name.split(" ")[0])
-
-        input_hashes = {p: (file_sha256(p) if Path(p).is_file() else _dir_hash(Path(p))) for p in inputs}
-        options = {
-            "format": format, "columns": column_map, "strip": strip, "max_length": max_length, "truncation": truncation,
-            "train_turns": train_turns, "train_on_prompt": train_on_prompt, "special_text": special_text,
-            "on_error": on_error, "pack": pack, "history_policy": history_policy, "tokenization": tokenization,
-            "template_kwargs": encode_options.template_kwargs, "template_date": encode_options.template_date,
-            "system_prompt": system_prompt, "allow_unverified": allow_unverified, "eval_fraction": eval_fraction,
-            "seed": seed,
-            "dedup": dedup, "dedup_options": dedup_options or {}, "decontaminate": [file_sha256(p) for p in decontaminate],
-            "decontaminate_options": decontaminate_options or {},
-        }
-        key = fingerprint([FORMAT, __version__, input_hashes, tpl.sha256, tok_identity["sha256"], options])
+        setup = _setup(recipe, inputs)
         if not force and is_sftdata_output(output):
             existing = read_manifest(output)
             # Up to date only when every file the manifest records is there with its size and sha256.
-            if existing.get("fingerprint") == key and not check_output_files(output, existing):
-                if report is not None:
-                    shutil.copyfile(output / "removed.jsonl", report)
+            if existing.get("fingerprint") == setup.key and not check_output_files(output, existing):
+                if recipe.report is not None:
+                    shutil.copyfile(output / "removed.jsonl", recipe.report)
                 return BuildResult(output, existing, up_to_date=True)
-
-        data_started = time.perf_counter()  # setup (tokenizer load, template preflight, input hashes) ends here
-        problems = ProblemLog(on_error=on_error)
-        removed: Counter[str] = Counter()
-        stats: list[ReadStats] = []
-        per_source: dict[str, Counter[str]] = defaultdict(Counter)
-        example_counts: Counter[str] = Counter()
-        end_ids: Counter[int] = Counter()
-        kept = truncated = 0
-        read_options = dict(format=format, columns=column_map, strip=strip, system_prompt=system_prompt,
-                            template_variables=tpl.variables, batch_size=batch_size)
-        lost_to_truncation: Counter[str] = Counter()
-        assistant_turns: Counter[int] = Counter()  # per conversation that reaches the encoder (after cleaning)
-        total_bytes = sum(input_size(p) for p in inputs)
-        # The staging dir is only the in-progress output: any failure removes it and leaves `output` as it was.
-        tmp = claim.stage()
-        # Raw-text corpora are packed as fixed blocks (the continued-pretraining convention): long documents are cut
-        # across blocks, never truncated.
-        raw_text_blocks = pack and all(_input_format(p, format, column_map) == "text" for p in inputs)
-        cleaners = _make_cleaners(dedup, dedup_options, decontaminate, decontaminate_options)
-        split_dir = tmp / "unpacked" if pack else tmp
-        split_dir.mkdir(exist_ok=True)
-        writers = {name: SplitWriter(split_dir, name) for name in (("train", "validation") if eval_fraction > 0 else ("train",))}
+        data_started = time.perf_counter()
+        tmp = claim.stage()  # the in-progress output: any failure removes it and leaves `output` as it was
         with ExitStack() as stack:
-            bar = stack.enter_context(_Progress(progress, total_bytes, console))
-            problems.sink = stack.enter_context(open(tmp / "problems.jsonl", "w", encoding="utf-8"))
-            removed_file = stack.enter_context(open(tmp / "removed.jsonl", "w", encoding="utf-8"))
-            deduplicator = cleaners.get("dedup")
-            if deduplicator is not None:  # pass 1: sketch everything, then cluster
-                bar.phase("dedup: sketching", total_bytes)
-                for batch in read_records(inputs, problems=ProblemLog(), on_progress=bar.advance, **read_options):
-                    deduplicator.add_batch(batch)
-                    bar.rows(len(batch))
-                deduplicator.finalize()
-                bar.phase("build", total_bytes)
-            def cleaned_batches():
-                for batch in read_records(inputs, problems=problems, on_progress=bar.advance, stats=stats, **read_options):
-                    bar.rows(len(batch))
-                    for stage in cleaners.values():
-                        batch, removals = stage.filter_batch(batch)
-                        for removal in removals:
-                            removed[removal.reason] += 1
-                            removed_file.write(json.dumps(removal.to_dict(), ensure_ascii=False) + "\n")
-                    assistant_turns.update(sum(m.role == "assistant" for m in r.messages) for r in batch if r.is_chat)
-                    yield batch
-
-            n_workers = max(1, workers)
-            for examples, batch_problems in encode_batches(cleaned_batches(), encoder, workers=n_workers,
-                                                           template=template, tokenizer=tokenizer):
-                problems.extend(batch_problems)
-                outputs: dict[str, list[Encoded]] = defaultdict(list)
-                for example in examples:
-                    if max_length and len(example.input_ids) > max_length and not raw_text_blocks:
-                        if truncation == "drop":
-                            _too_long(problems, example, max_length, "dropped (--truncation drop)")
-                            continue
-                        cut = truncate(example, max_length)
-                        if cut is None:
-                            _too_long(problems, example, max_length, "truncation would leave no trained token")
-                            continue
-                        lost_to_truncation["tokens"] += len(example.input_ids) - len(cut.input_ids)
-                        lost_to_truncation["trained"] += example.num_trained - cut.num_trained
-                        example = cut
-                        truncated += 1
-                    split = assign_split(input_hashes[example.source], example.row, eval_fraction, seed)
-                    outputs[split].append(example)
-                    source_stats = per_source[example.source]
-                    source_stats["rows"] += 1
-                    source_stats["tokens"] += len(example.input_ids)
-                    source_stats["trained"] += example.num_trained
-                    example_counts.update(example.counts)
-                    if not example.is_text:
-                        end_ids.update(example.input_ids[e - 1] for _, e in example.spans if not example.truncated or e < max_length)
-                    kept += 1
-                for split, split_examples in outputs.items():
-                    writers[split].write_rows(_columns(split_examples))
-            for writer in writers.values():
-                writer.close()
-        problems.sink = None
-
-        splits = {name: {"rows": w.rows, "files": w.files} for name, w in writers.items()}
-        packing = None
-        if pack:
-            from sftdata.pack import pack_split
-
-            packing = {}
-            for name, writer in writers.items():
-                packing[name] = pack_split([str(split_dir / f) for f in writer.files], str(tmp), name, max_length,
-                                           seed=seed, raw_text=raw_text_blocks)
-                splits[name] = {"rows": packing[name]["rows"], "files": packing[name]["files"], "examples": writer.rows}
-            shutil.rmtree(split_dir)
-
-        if report is not None:
-            shutil.copyfile(tmp / "removed.jsonl", report)
-        total_tokens = sum(s["tokens"] for s in per_source.values())
-        trained_tokens = sum(s["trained"] for s in per_source.values())
-        manifest = {
-            "format": FORMAT,
-            "sftdata_version": __version__,
-            "labels": LABELS_NOTE,
-            "fingerprint": key,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "inputs": [{"path": s.path, "sha256": input_hashes[s.path], "format": s.format, "rows": s.rows,
-                        "ignored_fields": dict(s.ignored_fields.most_common())} for s in stats],
-            "template": {"name": tpl.name, "origin": tpl.origin, "text": tpl.source, "sha256": tpl.sha256,
-                         "end_of_turn": encoder.end_of_turn, "variables": sorted(tpl.variables),
-                         "end_of_turn_ids": [i for i, _ in end_ids.most_common()],
-                         "end_of_turn_tokens": {tok.convert_ids_to_tokens(i): n for i, n in end_ids.most_common()}},
-            "tokenizer": tok_identity,
-            "options": options,
-            "counts": {
-                "rows_read": sum(s.rows for s in stats),
-                "rows_kept": kept,
-                "skipped": dict(sorted(problems.counts.items())),
-                "skipped_total": problems.total,
-                "removed": dict(sorted(removed.items())),
-                "truncated": truncated,
-                **{k: example_counts[k] for k in sorted(example_counts)},
-            },
-            "tokens": {"total": total_tokens, "trained": trained_tokens,
-                       "per_source": {k: dict(v) for k, v in per_source.items()},
-                       "lost_to_truncation": {"tokens": lost_to_truncation["tokens"],
-                                              "trained": lost_to_truncation["trained"]}},
-            "conversations": {"assistant_turns": {str(k): v for k, v in sorted(assistant_turns.items())}},
-            "splits": splits,
-            "packing": packing,
-            "cleaning": {name: stage.summary() for name, stage in cleaners.items()},
-            "history_policy": history.to_dict(),
-            "verify": verified.manifest_entry(),
-            "warnings": warnings,
-            "problems": problems.to_dict()["examples"],
-            "seconds": round(time.perf_counter() - started, 3),
-            "seconds_setup": round(data_started - started, 3),
-        }
+            run = _Run(recipe, setup, tmp, stack, progress, console)
+            run.per_row(inputs)
+            removed_rows = run.dedup()
+            run.check_skipped()
+            splits, packing, mixing = run.write_splits(removed_rows)
+        if recipe.report is not None:
+            shutil.copyfile(tmp / "removed.jsonl", recipe.report)
+        manifest = run.manifest(splits, packing, mixing, started, data_started)
+        write_manifest(tmp, manifest)
         manifest["files"] = output_files(tmp)
         write_manifest(tmp, manifest)
         claim.commit(tmp)
+        return BuildResult(output, manifest)
     except BaseException as e:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and (message := claim.describe_error(e, report=report)) is not None:
+        if isinstance(e, OSError) and (message := claim.describe_error(e, report=recipe.report)) is not None:
             raise DataError(message) from None
         raise
-    finally:
-        claim.release()
-    return BuildResult(output, manifest)
 
 
-_worker_encoder: Encoder | None = None
+@dataclass
+class _Setup:
+    tokenizer: Any
+    template: Any
+    encoder: Encoder
+    history: Any
+    verified: Any
+    warnings: list[str]
+    tok_identity: dict[str, Any]
+    input_hashes: dict[str, str]
+    key: str
+    recipe_record: dict[str, Any]
+    raw_text_blocks: bool
 
 
-def _init_worker(template: str, tokenizer: str | None, options: EncodeOptions) -> None:
-    global _worker_encoder
-    tok = load_tokenizer(tokenizer, template=template)
-    _worker_encoder = Encoder(load_template(template, tok), tok, options)
+def _resolve_sources(recipe: Recipe, scratch: Path) -> list[list[str]]:
+    """The files each source reads (Python-API data written as JSON lines first), checked and expanded."""
+    out = []
+    for i, source in enumerate(recipe.sources):
+        paths = [str(data_source_file(source.data, scratch, i))] if source.data is not None else source.paths()
+        out.append([s.path for s in resolve_inputs(paths)])
+    return out
 
 
-def _encode_in_worker(batch: list[Record]):
-    return _worker_encoder.encode_batch(batch)
+def _setup(recipe: Recipe, inputs: list[list[str]]) -> _Setup:
+    """Tokenizer, template, encoder and preflight; input hashes and the fingerprint."""
+    tok = load_tokenizer(recipe.tokenizer, template=recipe.template)
+    tpl = load_template(recipe.template, tok)
+    if "strftime_now" in tpl.source and recipe.template_date is None:
+        # a template that prints today's date renders the build's date, recorded, so a replay renders the same text
+        recipe.template_date = time.strftime("%Y-%m-%d", time.gmtime())
+    raw_text_blocks = recipe.pack and all(_input_format(p, s.format or recipe.format, s.columns or recipe.columns) == "text"
+                                          for s, paths in zip(recipe.sources, inputs) for p in paths)
+    options = EncodeOptions(train_turns=recipe.train_turns, train_on_prompt=recipe.train_on_prompt,
+                            special_text=recipe.special_text, history_policy=recipe.history_policy,
+                            tokenization=recipe.tokenization, template_kwargs=dict(recipe.template_kwargs),
+                            template_date=recipe.template_date,
+                            max_length=recipe.max_length if recipe.truncation == "right" and not raw_text_blocks else None)
+    encoder = Encoder(tpl, tok, options)
+    history = plan_history_policy(encoder)
+    verified = preflight(encoder)  # the invariants of docs/invariants.md on a built-in suite, before any data is read
+    if not verified.invariant_ok and not recipe.allow_unverified:
+        raise DataError(f"template {tpl.name!r} with tokenizer {getattr(tok, 'sftdata_name', tok.name_or_path)!r} fails "
+                        f"the invariant checks (allow_unverified / --allow-unverified builds anyway):\n"
+                        f"{verified.format_text()}")
+    warnings: list[str] = []
+    if verified.differs_from_tokenizer and recipe.tokenizer is not None:
+        warnings.append(f"template {tpl.name!r} differs from the tokenizer's own chat_template; the trainer saves "
+                        "this training template with the adapter, so serve with it")
+    if not verified.invariant_ok:
+        warnings.append("built with allow_unverified although the invariant checks failed")
+    tok_identity = tokenizer_identity(tok)
+    # What load_tokenizer() takes to get the same tokenizer back (show, train, eval).
+    tok_identity["load"] = (str(Path(recipe.tokenizer).resolve()) if recipe.tokenizer and Path(recipe.tokenizer).exists()
+                            else recipe.tokenizer or tok.sftdata_name.split(" ")[0])
+    input_hashes = {p: (file_sha256(p) if Path(p).is_file() else _dir_hash(Path(p))) for paths in inputs for p in paths}
+    evals = [file_sha256(p) for p in (recipe.decontaminate or {}).get("eval") or []]
+    recorded = recipe.to_dict()
+    key = fingerprint([FORMAT, __version__, [[input_hashes[p] for p in paths] for paths in inputs], evals, tpl.sha256,
+                       tok_identity["sha256"], recipe.fingerprint_dict()])
+    return _Setup(tok, tpl, encoder, history, verified, warnings, tok_identity, input_hashes, key, recorded,
+                  raw_text_blocks)
 
 
-def encode_batches(batches, encoder: Encoder, *, workers: int, template: str, tokenizer: str | None):
-    """Yield ``(examples, problems)`` per batch, in input order, in-process or in a pool of ``workers`` processes.
+class _Run:
+    """The state of one build between its phases: counters, logs, the staging file."""
 
-    Rendering is Python (Jinja) and holds the GIL, so parallelism needs processes; each worker builds its own
-    encoder from the same template and tokenizer specs.
-    """
+    def __init__(self, recipe: Recipe, setup: _Setup, tmp: Path, stack: ExitStack, progress: bool, console: Any):
+        self.recipe, self.setup, self.tmp = recipe, setup, tmp
+        self.problems = ProblemLog(on_error=recipe.on_error)
+        self.problems.sink = stack.enter_context(open(tmp / "problems.jsonl", "w", encoding="utf-8"))
+        self.removed_file = stack.enter_context(open(tmp / "removed.jsonl", "w", encoding="utf-8"))
+        self.removed: Counter[str] = Counter()
+        self.skipped_rows: Counter[str] = Counter()  # rows with no example, by the kind of their problem
+        self.counts: Counter[str] = Counter()
+        self._from_pipeline: Counter[str] = Counter()  # problems the pipeline logged (ingest logs the others)
+        self.stats: list[ReadStats] = []
+        self.stats_origin: list[int] = []
+        self.staging = tmp / ".staging.arrow"
+        self._sink = pa.OSFile(str(self.staging), "wb")
+        stack.callback(self._sink.close)
+        self._writer = pa.ipc.new_file(self._sink, STAGE_SCHEMA)
+        stack.callback(self._close_writer)
+        self.bar = stack.enter_context(_Progress(progress, console))
+        self.dedup_stage = None
+        if recipe.dedup is not None:
+            from sftdata.clean import Deduplicator
+
+            self.dedup_stage = Deduplicator(**recipe.dedup)
+        spec = PipelineSpec(template=setup.template, tokenizer=recipe.tokenizer, default_template=recipe.template,
+                            encode=setup.encoder.options, max_length=recipe.max_length,
+                            truncation="blocks" if setup.raw_text_blocks else recipe.truncation,
+                            split_by=recipe.split_by, seed=recipe.seed, filters=dict(recipe.filters),
+                            decontaminate=dict(recipe.decontaminate) if recipe.decontaminate else None)
+        self.pipeline = RowPipeline(spec, tokenizer=setup.tokenizer, encoder=setup.encoder)
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    # -- phase 1 ----------------------------------------------------------------------------------------------------
+    def per_row(self, inputs: list[list[str]]) -> None:
+        recipe = self.recipe
+        total = sum(input_size(p) for paths in inputs for p in paths)
+        self.bar.start("build", total)
+        batches = self._batches(inputs)
+        for origin, batch, out in run_pipeline(self.pipeline, batches, engine=recipe.engine, workers=recipe.workers,
+                                               ray_address=recipe.ray_address):
+            self._merge(origin, batch, out)
+        # every problem ingest logged is a row of its own (the pipeline's were counted per row in _merge)
+        self.skipped_rows.update(self.problems.counts - self._from_pipeline)
+        self._close_writer()
+        self.bar.done()
+
+    def _batches(self, inputs: list[list[str]]) -> Iterator[tuple[int, list[Record]]]:
+        recipe = self.recipe
+        for origin, (source, paths) in enumerate(zip(recipe.sources, inputs)):
+            stats: list[ReadStats] = []
+            label = source.label(origin)
+            for batch in read_records(paths, format=source.format or recipe.format,
+                                      columns=source.columns or recipe.columns, strip=recipe.strip,
+                                      system_prompt=recipe.system_prompt, template_variables=self.setup.template.variables,
+                                      problems=self.problems, batch_size=recipe.batch_size, stats=stats,
+                                      on_progress=self.bar.advance, max_row_bytes=recipe.max_row_bytes):
+                if source.data is not None:
+                    for record in batch:
+                        record.source = label
+                self.bar.rows(len(batch))
+                yield origin, batch
+            for s in stats:
+                if source.data is not None:
+                    s.path = label
+                self.stats.append(s)
+                self.stats_origin.append(origin)
+
+    def _merge(self, origin: int, records: list[Record], out: BatchOutput) -> None:
+        kept_rows = set(zip(out.table["source"].to_pylist(), out.table["row"].to_pylist())) if out.table.num_rows else set()
+        first_problem: dict[tuple[str, int], str] = {}
+        for problem in out.problems:
+            self.problems.add(problem)
+            self._from_pipeline[problem.kind] += 1
+            first_problem.setdefault((problem.source, problem.row), problem.kind)
+        first_removal: dict[tuple[str, int], str] = {}
+        for removal in out.removals:
+            key = (removal.record.source, removal.record.row)
+            first_removal.setdefault(key, removal.reason)
+            if key not in kept_rows:
+                self.removed_file.write(json.dumps(removal.to_dict(), ensure_ascii=False) + "\n")
+        for key, reason in first_removal.items():
+            if key not in kept_rows:
+                self.removed[reason] += 1
+            else:
+                self.counts[f"examples_removed:{reason}"] += 1
+        for key, kind in first_problem.items():
+            if key not in kept_rows and key not in first_removal:
+                self.skipped_rows[kind] += 1
+            elif key in kept_rows:
+                self.counts[f"examples_skipped:{kind}"] += 1
+        self.counts.update(out.counts)
+        if out.table.num_rows:
+            table = out.table.set_column(STAGE_SCHEMA.get_field_index("origin"), "origin",
+                                         pa.array([origin] * out.table.num_rows, pa.int16()))
+            self._writer.write_table(table)
+        if self.dedup_stage is not None and out.survivors:
+            self.dedup_stage.add_batch(out.survivors)
+
+    # -- phase 2 ----------------------------------------------------------------------------------------------------
+    def dedup(self) -> set[tuple[str, int]]:
+        """Cluster the surviving rows; the removed ones are written to removed.jsonl and returned."""
+        stage = self.dedup_stage
+        if stage is None:
+            return set()
+        self.bar.start("dedup", 0)
+        stage.finalize()
+        keep = stage.keep_mask()
+        sources, source_index, rows = stage.positions()
+        removed = set()
+        for idx in np.flatnonzero(~keep):
+            record = Record(sources[source_index[idx]], int(rows[idx]))
+            removal = stage.removal(int(idx), record)
+            removed.add((record.source, record.row))
+            self.removed[removal.reason] += 1
+            self.removed_file.write(json.dumps(removal.to_dict(), ensure_ascii=False) + "\n")
+        self.bar.done()
+        return removed
+
+    def check_skipped(self) -> None:
+        """Fail a build that skipped or removed more than ``max_skipped_fraction`` of its rows, naming the top reasons."""
+        read = sum(s.rows for s in self.stats)
+        lost = Counter(self.skipped_rows) + Counter({f"removed: {k}": v for k, v in self.removed.items()})
+        share = sum(lost.values()) / read if read else 0.0
+        if read and share > self.recipe.max_skipped_fraction:
+            top = ", ".join(f"{k} ({v:,})" for k, v in lost.most_common(4))
+            raise DataError(f"{sum(lost.values()):,} of {read:,} rows ({share:.0%}) were skipped or removed, more than "
+                            f"max_skipped_fraction {self.recipe.max_skipped_fraction:g}: {top}; see problems.jsonl and "
+                            "removed.jsonl (raise --max-skipped-fraction to build anyway)")
+
+    # -- phase 3 ----------------------------------------------------------------------------------------------------
+    def write_splits(self, removed_rows: set[tuple[str, int]]) -> tuple[dict, dict | None, dict | None]:
+        recipe = self.recipe
+        table = pa.ipc.open_file(pa.memory_map(str(self.staging))).read_all()
+        n = table.num_rows
+        source = np.asarray(table["source"].to_pylist(), dtype=object)
+        row = table["row"].to_numpy()
+        keep = np.ones(n, dtype=bool)
+        if removed_rows:
+            keep = np.fromiter(((s, int(r)) not in removed_rows for s, r in zip(source, row)), dtype=bool, count=n)
+        origin = table["origin"].to_numpy().astype(np.int64)
+        group = table["group"].to_numpy()
+        split = assign_splits(group, recipe.splits, origin if recipe.stratify else None)
+        # a unit is one input row: all its examples (a conversation split per turn) are sampled together
+        unit_keys = np.char.add(np.char.add(source.astype(str), "\x00"), row.astype(str))
+        _, unit = np.unique(unit_keys, return_inverse=True) if n else (None, np.zeros(0, dtype=np.int64))
+        order_by_split: dict[str, np.ndarray] = {}
+        mixing = None
+        rng = np.random.default_rng(recipe.seed)
+        for code, name in enumerate(SPLIT_ORDER):
+            if recipe.splits.get(name, 0) <= 0:
+                continue
+            members = np.flatnonzero(keep & (split == code))
+            if name == "train" and any(s.weight is not None or s.samples is not None or s.epochs is not None
+                                       for s in recipe.sources):
+                members, mixing = self._mix(members, unit, origin, table)
+            if recipe.shuffle:
+                members = members[rng.permutation(members.size)]
+            order_by_split[name] = members
+        kept_rows = {(source[i], int(row[i])) for idxs in order_by_split.values() for i in idxs}
+        self.rows_kept = len(kept_rows)
+        splits: dict[str, Any] = {}
+        packing: dict[str, Any] | None = {} if recipe.pack else None
+        columns = table.select(UNPACKED_SCHEMA.names)
+        for name, members in order_by_split.items():
+            self.bar.start(f"write {name}", 0)
+            directory = self.tmp / name
+            directory.mkdir()
+            if recipe.pack:
+                from sftdata.pack import pack_table
+
+                stats = pack_table(columns.take(pa.array(members, pa.int64())), str(directory), name, recipe.max_length,
+                                   seed=recipe.seed, raw_text=self.setup.raw_text_blocks)
+                packing[name] = stats
+                splits[name] = {"rows": stats["rows"], "examples": int(members.size),
+                                "files": [f"{name}/{f}" for f in stats["files"]]}
+            else:
+                writer = SplitWriter(directory, name)
+                for start in range(0, members.size, GATHER_ROWS):
+                    writer.write_table(columns.take(pa.array(members[start:start + GATHER_ROWS], pa.int64())))
+                writer.close()
+                splits[name] = {"rows": writer.rows, "files": [f"{name}/{f}" for f in writer.files]}
+            splits[name].update(_split_stats(columns, members, source))
+            self.bar.done()
+        del table, columns
+        self.staging.unlink()
+        return splits, packing, mixing
+
+    def _mix(self, members: np.ndarray, unit: np.ndarray, origin: np.ndarray, table: pa.Table
+             ) -> tuple[np.ndarray, dict[str, Any]]:
+        """The training examples after mixing: each unit taken as many times as plan_mix says."""
+        recipe = self.recipe
+        tokens = table["num_tokens"].to_numpy().astype(np.int64)
+        units, first, inverse = np.unique(unit[members], return_index=True, return_inverse=True)
+        unit_rows = np.bincount(inverse, minlength=units.size)
+        unit_tokens = np.bincount(inverse, weights=tokens[members], minlength=units.size)
+        unit_source = origin[members][first]
+        targets = [MixTarget(s.weight, s.samples, s.epochs) for s in recipe.sources]
+        count, report = plan_mix(unit_source, unit_rows, unit_tokens, targets, by_tokens=recipe.mix_by == "tokens",
+                                 seed=recipe.seed)
+        for i, entry in enumerate(report["sources"]):
+            entry["source"] = recipe.sources[i].label(i)
+        dropped = np.flatnonzero(count == 0)
+        source = table["source"]
+        row = table["row"]
+        for u in dropped:
+            i = members[first[u]]
+            record = Record(source[i].as_py(), row[i].as_py())
+            self.removed["mixing"] += 1
+            self.removed_file.write(json.dumps(Removal(record, "mix", "mixing", "not sampled: its source is above its "
+                                                       "target share of the training split").to_dict()) + "\n")
+        return members[np.repeat(np.arange(members.size), count[inverse])], report
+
+    # -- manifest ---------------------------------------------------------------------------------------------------
+    def manifest(self, splits: dict, packing: dict | None, mixing: dict | None, started: float,
+                 data_started: float) -> dict[str, Any]:
+        recipe, setup, counts = self.recipe, self.setup, self.counts
+        end_ids = Counter({int(k.split(":", 1)[1]): v for k, v in counts.items() if k.startswith("end_id:")})
+        turns = Counter({int(k.split(":", 1)[1]): v for k, v in counts.items()
+                         if k.startswith("conversations_with_turns:")})
+        plain = {k: v for k, v in counts.items() if ":" not in k}
+        per_kind = lambda prefix: {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith(prefix)}  # noqa: E731
+        rows_read = sum(s.rows for s in self.stats)
+        total = sum(s.get("tokens", 0) for s in splits.values())
+        trained = sum(s.get("trained", 0) for s in splits.values())
+        per_source: dict[str, Counter] = defaultdict(Counter)
+        for info in splits.values():
+            for name, entry in info.pop("per_source", {}).items():
+                per_source[name].update(entry)
+        tok = setup.tokenizer
+        return {
+            "format": FORMAT,
+            "sftdata_version": __version__,
+            "labels": LABELS_NOTE,
+            "fingerprint": setup.key,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "recipe": setup.recipe_record,
+            "inputs": [{"path": s.path, "source": recipe.sources[o].label(o), "sha256": setup.input_hashes.get(s.path),
+                        "format": s.format, "formats": dict(s.formats), "rows": s.rows,
+                        "ignored_fields": dict(s.ignored_fields.most_common())}
+                       for s, o in zip(self.stats, self.stats_origin)],
+            "template": {"name": setup.template.name, "origin": setup.template.origin, "text": setup.template.source,
+                         "sha256": setup.template.sha256, "end_of_turn": setup.encoder.end_of_turn,
+                         "variables": sorted(setup.template.variables),
+                         "end_of_turn_ids": [i for i, _ in end_ids.most_common()],
+                         "end_of_turn_tokens": {tok.convert_ids_to_tokens(i): n for i, n in end_ids.most_common()}},
+            "tokenizer": setup.tok_identity,
+            "options": {k: v for k, v in setup.recipe_record.items() if k != "sources"},
+            "counts": {
+                "rows_read": rows_read,
+                "rows_kept": self.rows_kept,
+                "skipped": dict(sorted(self.skipped_rows.items())),
+                "skipped_total": sum(self.skipped_rows.values()),
+                "removed": dict(sorted(self.removed.items())),
+                "removed_total": sum(self.removed.values()),
+                "examples": sum(s.get("examples", s["rows"]) for s in splits.values()),
+                "examples_skipped": per_kind("examples_skipped:"),
+                "examples_removed": per_kind("examples_removed:"),
+                "problems_logged": dict(sorted(self.problems.counts.items())),
+                "truncated": plain.get("truncated", 0),
+                **{k: plain[k] for k in sorted(plain) if k not in ("truncated", "tokens_lost_to_truncation",
+                                                                   "trained_tokens_lost_to_truncation")},
+                "filters": {k: v for k, v in sorted(counts.items()) if k.startswith(("filter:", "token-filter:"))},
+            },
+            "tokens": {"total": total, "trained": trained,
+                       "per_source": {k: dict(v) for k, v in per_source.items()},
+                       "lost_to_truncation": {"tokens": counts["tokens_lost_to_truncation"],
+                                              "trained": counts["trained_tokens_lost_to_truncation"]}},
+            "conversations": {"assistant_turns": {str(k): v for k, v in sorted(turns.items())}},
+            "splits": splits,
+            "mixing": mixing,
+            "packing": packing,
+            "cleaning": {"dedup": self.dedup_stage.summary()} if self.dedup_stage is not None else {},
+            "history_policy": setup.history.to_dict(),
+            "verify": setup.verified.manifest_entry(),
+            "warnings": setup.warnings,
+            "problems": self.problems.to_dict()["examples"],
+            "seconds": round(time.perf_counter() - started, 3),
+            "seconds_setup": round(data_started - started, 3),
+        }
+
+
+def _split_stats(columns: pa.Table, members: np.ndarray, source: np.ndarray) -> dict[str, Any]:
+    tokens = columns["num_tokens"].to_numpy()[members]
+    trained = columns["num_trained"].to_numpy()[members]
+    per_source: dict[str, Counter] = defaultdict(Counter)
+    if members.size:
+        names, inverse = np.unique(source[members].astype(str), return_inverse=True)
+        for i, name in enumerate(names):
+            mine = inverse == i
+            per_source[str(name)].update(rows=int(mine.sum()), tokens=int(tokens[mine].sum()),
+                                         trained=int(trained[mine].sum()))
+    return {"examples": int(members.size), "tokens": int(tokens.sum()), "trained": int(trained.sum()),
+            "truncated": int(columns["truncated"].to_numpy(zero_copy_only=False)[members].sum()),
+            "per_source": {k: dict(v) for k, v in per_source.items()}}
+
+
+# -- engines ----------------------------------------------------------------------------------------------------------
+
+def run_pipeline(pipeline: RowPipeline, batches: Iterable[tuple[int, list[Record]]], *, engine: str = "local",
+                 workers: int = 1, ray_address: str | None = None) -> Iterator[tuple[int, list[Record], BatchOutput]]:
+    """Yield ``(origin, records, output)`` per batch, in input order: in-process, in a process pool of ``workers``, or
+    on Ray (:mod:`sftdata.engine_ray`). Rendering is Python (Jinja) and holds the GIL, so parallelism needs
+    processes; each worker rebuilds the pipeline from its pickled spec."""
+    if engine == "ray":
+        from sftdata.engine_ray import run_on_ray
+
+        yield from run_on_ray(pipeline, batches, address=ray_address)
+        return
     if workers <= 1:
-        for batch in batches:
-            yield encoder.encode_batch(batch)
+        for origin, batch in batches:
+            yield origin, batch, pipeline.process(batch, origin)
         return
     import multiprocessing
     from collections import deque
     from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(template, tokenizer, encoder.options)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(pipeline,)) as pool:
         pending: deque = deque()
-        for batch in batches:
-            pending.append(pool.submit(_encode_in_worker, batch))
+        for origin, batch in batches:
+            pending.append((origin, batch, pool.submit(_process_in_worker, batch, origin)))
             if len(pending) > 2 * workers:
-                yield pending.popleft().result()
+                o, b, future = pending.popleft()
+                yield o, b, future.result()
         while pending:
-            yield pending.popleft().result()
+            o, b, future = pending.popleft()
+            yield o, b, future.result()
 
 
-def _too_long(problems: ProblemLog, example: Encoded, max_length: int, why: str) -> None:
-    from sftdata.record import Problem
+_worker_pipeline: RowPipeline | None = None
 
-    problems.add(Problem(example.source, example.row, "truncate", "too-long",
-                         f"{len(example.input_ids)} tokens > --max-length {max_length}: {why}"))
+
+def _init_worker(pipeline: RowPipeline) -> None:
+    global _worker_pipeline
+    _worker_pipeline = pipeline
+
+
+def _process_in_worker(batch: list[Record], origin: int) -> BatchOutput:
+    return _worker_pipeline.process(batch, origin)
+
+
+# -- helpers ----------------------------------------------------------------------------------------------------------
+
+class _Progress:
+    """A rich progress bar over input bytes on a terminal; plain log lines (every 10 s) otherwise; nothing when off."""
+
+    def __init__(self, enabled: bool, console: Any = None):
+        self.enabled, self.console = enabled, console
+        self._progress = None
+        self._plain = enabled and (console is None or not getattr(console, "is_terminal", False))
+        self._rows = 0
+        self._last = time.monotonic()
+        self._phase = ""
+        self._t0 = time.monotonic()
+
+    def __enter__(self):
+        if self.enabled and not self._plain:
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                                      TextColumn("{task.fields[rows]} rows"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                      console=self.console, transient=False)
+            self._progress.__enter__()
+            self._task = self._progress.add_task("build", total=None, rows=0)
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def start(self, description: str, total: int) -> None:
+        self._phase, self._rows, self._t0 = description, 0, time.monotonic()
+        if self._progress is not None:
+            self._progress.reset(self._task, total=total or None, description=description, rows=0)
+        elif self._plain:
+            self._log(f"{description}: started")
+
+    def advance(self, nbytes: int) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, nbytes)
+
+    def rows(self, n: int) -> None:
+        self._rows += n
+        if self._progress is not None:
+            self._progress.update(self._task, rows=self._rows)
+        elif self._plain and time.monotonic() - self._last >= 10:
+            elapsed = time.monotonic() - self._t0
+            self._log(f"{self._phase}: {self._rows:,} rows read ({self._rows / elapsed:,.0f} rows/s)")
+
+    def done(self) -> None:
+        if self._plain:
+            self._log(f"{self._phase}: done in {time.monotonic() - self._t0:.1f} s" +
+                      (f" ({self._rows:,} rows)" if self._rows else ""))
+
+    def _log(self, text: str) -> None:
+        self._last = time.monotonic()
+        if self.console is not None:
+            self.console.print(text, soft_wrap=True, highlight=False, markup=False)
+        else:
+            print(text, flush=True)
 
 
 def _input_format(path: str, format: str | None, columns: dict[str, str]) -> str | None:
-    """The format of an input's first readable row (cheap: reads one row)."""
+    """The format of an input's first readable rows (cheap: reads one batch)."""
     if format is not None:
         return format
     stats: list[ReadStats] = []
@@ -421,21 +666,10 @@ def _input_format(path: str, format: str | None, columns: dict[str, str]) -> str
     return stats[0].format if stats else None
 
 
-def _make_cleaners(dedup: bool, dedup_options: dict[str, Any] | None, decontaminate, decontaminate_options) -> dict[str, Any]:
-    cleaners: dict[str, Any] = {}
-    if decontaminate:
-        from sftdata.clean import Decontaminator
-
-        cleaners["decontaminate"] = Decontaminator(list(decontaminate), **(decontaminate_options or {}))
-    if dedup:
-        from sftdata.clean import Deduplicator
-
-        cleaners["dedup"] = Deduplicator(**(dedup_options or {}))
-    return cleaners
-
-
 def _dir_hash(path: Path) -> str:
-    """Hash of a dataset directory's files (names and contents), or of the hub id itself."""
+    """Hash of a dataset directory's files (names and contents), or of the (revision-pinned) hub id itself."""
+    import xxhash
+
     if not path.is_dir():
         return "hub:" + str(path)
     h = xxhash.xxh128()

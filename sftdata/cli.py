@@ -40,92 +40,88 @@ def main() -> None:
     """
 
 
+def _build_options(command):
+    """The ``build`` flags: one per recipe field (sftdata.recipe.Recipe), plus the shorthands of the common cases."""
+    from sftdata.config import click_options
+    from sftdata.recipe import Recipe
+
+    command = click_options(Recipe, exclude=("sources", "dedup", "decontaminate", "train", "filters"))(command)
+    shorthands = [
+        click.option("--config", "-c", "config", type=click.Path(dir_okay=False), default=None,
+                     help="A recipe file (YAML/JSON; its build: section or the whole file), or a build's "
+                          "manifest.json to replay that build. Flags override its values."),
+        click.option("--eval-fraction", type=click.FloatRange(0, 1, max_open=True), default=None,
+                     help="Shorthand for --splits train=1-F,validation=F."),
+        click.option("--dedup/--no-dedup", "dedup_flag", default=None,
+                     help="Remove exact and near duplicates (MinHash LSH) after the per-row checks."),
+        click.option("--dedup-threshold", type=float, default=None, help="Jaccard threshold of near-dedup [default: 0.8]."),
+        click.option("--decontaminate", "evals", multiple=True, metavar="EVAL",
+                     help="Remove rows that overlap this eval set file (repeatable)."),
+        click.option("--filter", "filter_values", multiple=True, metavar="KEY=VALUE",
+                     help="A quality filter (docs/filters.md), e.g. --filter min_response_chars=50 (repeatable)."),
+        click.option("--force", is_flag=True, help="Rebuild even when the output is up to date."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary."),
+    ]
+    for option in reversed(shorthands):
+        command = option(command)
+    return click.argument("inputs", nargs=-1)(command)
+
+
 @main.command("build")
-@click.argument("inputs", nargs=-1, required=True)
-@click.option("--template", "-t", default="chatml", show_default=True,
-              help="Built-in template (chatml, llama2, alpaca, ...; see `sftdata templates`), a .jinja file, "
-                   "or 'tokenizer' for the tokenizer's own chat_template.")
-@click.option("--tokenizer", default=None,
-              help="Local tokenizer directory or hub id. Default: the bundled qwen3 tokenizer "
-                   "(mistral-7b-v0.1 for --template llama2/alpaca).")
-@click.option("--output", "-o", default="sftdata-out", show_default=True,
-              help="Output directory, replaced as a whole when the build succeeds; a build refuses one that holds "
-                   "files sftdata did not write, and two builds of one output cannot run at once.")
-@click.option("--format", "fmt", type=click.Choice(["alpaca", "messages", "sharegpt", "prompt-completion", "text"]),
-              default=None, help="Force the row format instead of detecting it (per file over its first rows, and per "
-                                 "row where a file mixes formats).")
-@click.option("--columns", default=None, metavar="MAP",
-              help="Map canonical fields to this corpus's fields, e.g. 'instruction=question,output=answer' (GSM8K).")
-@click.option("--strip/--no-strip", default=False, show_default=True,
-              help="Trim whitespace around message content (default: keep it exactly as written).")
-@click.option("--max-length", type=click.IntRange(min=1), default=None, help="Truncate (or pack) to N tokens.")
-@click.option("--truncation", type=click.Choice(["right", "drop"]), default="right", show_default=True,
-              help="Over-long examples: cut from the right (rows left with no trained token are skipped) or drop.")
-@click.option("--train-turns", type=click.Choice(["all", "last"]), default="all", show_default=True,
-              help="Which assistant turns are trained.")
-@click.option("--train-on-prompt", is_flag=True, help="Train on every token, prompt included.")
-@click.option("--special-text", type=click.Choice(["reject", "escape"]), default="reject", show_default=True,
-              help="Message content containing a special-token string such as <|im_end|>: skip the row, or "
-                   "escape it (U+200B after its first character) so it stays text.")
-@click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
-              help="Bad rows: skip them (counted in the manifest, listed in problems.jsonl) or stop.")
-@click.option("--pack", is_flag=True, help="Pack examples into rows of --max-length tokens (best-fit decreasing).")
-@click.option("--eval-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
-              help="Fraction of rows written to a 'validation' split.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split and packing order.")
-@click.option("--dedup", is_flag=True, help="Remove exact and near duplicates (MinHash LSH) before tokenizing.")
-@click.option("--decontaminate", "decontaminate", multiple=True, metavar="EVAL",
-              help="Remove rows that overlap this eval set file (repeatable).")
-@click.option("--report", type=click.Path(dir_okay=False), default=None,
-              help="Write the rows removed by --dedup/--decontaminate (with what they matched) to this JSONL file.")
-@click.option("--history-policy", type=click.Choice(["auto", "split", "last", "fail"]), default="auto", show_default=True,
-              help="An assistant turn that the template renders differently in history than as the final turn "
-                   "(Qwen3 thinking, gpt-oss, reasoning dropped from history): give it its own example, as served "
-                   "(auto, split), leave it as context (last), or skip the row (fail).")
-@click.option("--tokenization", type=click.Choice(["auto", "context"]), default="auto", show_default=True,
-              help="A turn whose serving prompt's last token merges with the reply in context: train it as "
-                   "tok(prompt) + tok(reply), the sequence a server feeds (auto), or skip the row (context).")
-@click.option("--template-kwargs", default=None, metavar="JSON",
-              help='Template variables for every row, e.g. \'{"enable_thinking": false}\' (a row\'s own '
-                   "chat_template_kwargs or a field named like a template variable overrides them).")
-@click.option("--system-prompt", default=None, metavar="TEXT", help="Add this system message to rows that have none.")
-@click.option("--allow-unverified", is_flag=True,
-              help="Build even when the template/tokenizer pair fails the preflight invariant checks.")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Encoder processes (1 = in-process). A pool pays off only with more than 2 cores.")
-@click.option("--force", is_flag=True, help="Rebuild even when the output is up to date.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@_build_options
 @reports_errors
-def build_command(inputs, template, tokenizer, output, fmt, columns, strip, max_length, truncation, train_turns,
-                  train_on_prompt, special_text, on_error, pack, eval_fraction, seed, dedup, decontaminate, report,
-                  history_policy, tokenization, template_kwargs, system_prompt, allow_unverified, workers, force, quiet):
-    """Render and tokenize INPUTS into training-ready Parquet with exact -100 label masks.
+def build_command(inputs, config, eval_fraction, dedup_flag, dedup_threshold, evals, filter_values, force, quiet,
+                  **fields):
+    """Render and tokenize INPUTS (or a recipe's sources) into training-ready Parquet with exact -100 label masks.
 
     INPUTS are .jsonl/.json/.csv/.parquet/.txt files (optionally .gz), directories of such files (read file by
     file, sorted), saved Hugging Face dataset directories or hub dataset ids, in Alpaca, OpenAI messages, ShareGPT,
-    prompt/completion or raw-text format. All are checked before the tokenizer loads.
+    prompt/completion, xLAM or raw-text format. All are checked before the tokenizer loads. Every flag is also a key
+    of a recipe file (--config): sources with mixing weights, splits, filters, dedup and decontamination.
+
+    \b
+    sftdata build data.jsonl --template chatml
+    sftdata build --config examples/recipe.yaml
+    sftdata build --config sftdata-out/manifest.json --output replay      # the same build again, bit for bit
     """
-    from sftdata.build import build
+    from sftdata.build import recipe_for, run_recipe
+    from sftdata.config import ConfigError, given_options, parse_mapping
+    from sftdata.recipe import Recipe
     from sftdata.tokenizer import default_tokenizer_for
 
+    options = given_options(Recipe, fields)
+    if eval_fraction is not None:
+        options["eval_fraction"] = eval_fraction
+    if dedup_flag is not None or dedup_threshold is not None:
+        options["dedup"] = ({"threshold": dedup_threshold} if dedup_threshold is not None else {}) if dedup_flag is not False else None
+    if evals:
+        options["decontaminate"] = list(evals)
+    try:
+        if filter_values:
+            options["filters"] = parse_mapping(",".join(filter_values))
+        for key in ("columns", "template_kwargs", "splits"):
+            if isinstance(options.get(key), str):
+                options[key] = parse_mapping(options[key])
+    except TypeError as e:
+        raise DataError(f"bad --{key.replace('_', '-')} value: {e}") from None
+    if not inputs and not config:
+        raise DataError("give INPUTS or --config RECIPE (see `sftdata build --help`)")
+    try:
+        recipe = recipe_for(list(inputs) if inputs else None, config, options)
+    except ConfigError as e:
+        raise DataError(str(e)) from None
     if not quiet:
-        used = tokenizer or f"{default_tokenizer_for(template)} (bundled default for --template {template}; set --tokenizer)"
+        used = recipe.tokenizer or f"{default_tokenizer_for(recipe.template)} (bundled default for --template {recipe.template}; set --tokenizer)"
         console.print(f"tokenizer: {used}")
-    result = build(list(inputs), template=template, tokenizer=tokenizer, output=output, format=fmt, columns=columns,
-                   strip=strip, max_length=max_length, truncation=truncation, train_turns=train_turns,
-                   train_on_prompt=train_on_prompt, special_text=special_text, on_error=on_error, pack=pack,
-                   eval_fraction=eval_fraction, seed=seed, dedup=dedup, decontaminate=list(decontaminate),
-                   report=report, history_policy=history_policy, tokenization=tokenization,
-                   template_kwargs=parse_template_kwargs(template_kwargs), system_prompt=system_prompt,
-                   allow_unverified=allow_unverified, workers=workers, force=force, progress=not quiet, console=console)
+    result = run_recipe(recipe, force=force, progress=not quiet, console=console)
     manifest = result.manifest
     for warning in manifest.get("warnings", []):
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     if result.up_to_date:
         console.print(f"{escape(str(result.output))} is up to date (same inputs, template, tokenizer, options and "
                       "sftdata version; every file as written); --force rebuilds")
-        if report:
-            console.print(f"wrote {escape(report)} (the rows removed in that build, from its removed.jsonl)")
+        if recipe.report:
+            console.print(f"wrote {escape(recipe.report)} (the rows removed in that build, from its removed.jsonl)")
     elif not quiet:
         print_summary(manifest, str(result.output))
     if manifest["counts"]["rows_kept"] == 0:

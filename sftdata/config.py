@@ -107,6 +107,15 @@ def _coerce(value: Any, tp: Any) -> Any:
         if option is type(None):
             continue
         origin = typing.get_origin(option)
+        if origin is dict or option is dict:
+            if isinstance(value, str):
+                value = parse_mapping(value)
+            if isinstance(value, Mapping):
+                return dict(value)
+            errors.append("a mapping")
+            continue
+        if dataclasses.is_dataclass(option) and isinstance(value, Mapping):
+            return dataclass_from_dict(option, value)
         if origin in (list, tuple):
             if isinstance(value, (list, tuple)):
                 (item,) = typing.get_args(option)[:1] or (Any,)
@@ -156,6 +165,34 @@ def _coerce(value: Any, tp: Any) -> Any:
             return value
         errors.append(getattr(option, "__name__", str(option)))
     raise TypeError(f"expected {' or '.join(dict.fromkeys(errors))}" + (" or null" if type(None) in options else ""))
+
+
+def parse_mapping(text: str) -> dict[str, Any]:
+    """A mapping written on the command line: JSON (``'{"a": 1}'``) or ``key=value,key=value`` (values read as YAML
+    scalars: numbers, true/false, strings)."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            raise TypeError(f"not valid JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise TypeError("a JSON object")
+        return value
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise TypeError(f"KEY=VALUE pairs (got {part!r})")
+        key, raw = (x.strip() for x in part.split("=", 1))
+        import yaml
+
+        try:
+            out[key] = yaml.safe_load(raw) if raw else ""
+        except Exception:
+            out[key] = raw
+        if not isinstance(out[key], (str, int, float, bool)) or out[key] is None:
+            out[key] = raw
+    return out
 
 
 def dataclass_from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "config",

@@ -384,12 +384,19 @@ def pack_split(src_parquet_files: list[str], dst_dir: str, split: str, max_lengt
     the packed rows a bounded number of tokens at a time. ``raw_text`` selects block packing instead of BFD. The
     returned dict is what build records under ``manifest["packing"][split]``; ``files`` lists the shards written.
     """
-    from sftdata.write import SplitWriter
-
     tables = [_as_table(pq.read_table(f)) for f in src_parquet_files]
     tables = [t for t in tables if t.num_rows]
-    table = _as_table(pa.concat_tables(tables) if tables else
-                      pa.schema(list(_INPUT_TYPES.items())).empty_table())
+    table = pa.concat_tables(tables) if tables else pa.schema(list(_INPUT_TYPES.items())).empty_table()
+    return pack_table(table, dst_dir, split, max_length, seed=seed, raw_text=raw_text)
+
+
+def pack_table(table: pa.Table, dst_dir: str | Path, split: str, max_length: int, *, seed: int = 0,
+               raw_text: bool = False) -> dict[str, Any]:
+    """Pack the examples of ``table`` (unpacked columns, in order) into ``dst_dir/{split}-NNNNN.parquet``; the stats
+    and the ``files`` written, as :func:`pack_split`."""
+    from sftdata.write import SplitWriter
+
+    table = _as_table(table)
     strategy = "blocks" if raw_text else "bfd"
     stats = _Stats(strategy, max_length, seed, table.num_rows, _count_truncated(table))
     writer = SplitWriter(Path(dst_dir), split, schema=PACKED_SCHEMA, shard_rows=shard_rows_for(max_length))

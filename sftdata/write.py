@@ -164,8 +164,8 @@ def check_output_paths(output: str | Path, *, inputs: Iterable[str | Path], repo
 
 def output_files(directory: Path) -> dict[str, dict[str, Any]]:
     """Size and sha256 of every file of a finished output (the manifest excepted), as the manifest records them."""
-    return {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
-            for f in sorted(directory.iterdir()) if f.is_file() and f.name != MANIFEST}
+    return {f.relative_to(directory).as_posix(): {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+            for f in sorted(directory.rglob("*")) if f.is_file() and f.name != MANIFEST}
 
 
 def check_output_files(directory: str | Path, manifest: dict[str, Any], *, hashes: bool = True) -> list[str]:
@@ -191,7 +191,13 @@ def foreign_files(directory: Path, manifest: dict[str, Any]) -> list[str]:
     own = set(OWN_FILES) | set(manifest.get("files") or {})
     for info in (manifest.get("splits") or {}).values():
         own.update(info.get("files") or [])
-    return sorted(p.name for p in directory.iterdir() if p.name not in own or not p.is_file())
+    own_dirs = {Path(name).parts[0] for name in own if len(Path(name).parts) > 1}  # split directories
+    strangers = []
+    for p in sorted(directory.rglob("*")):
+        name = p.relative_to(directory).as_posix()
+        if (name not in own_dirs) if p.is_dir() else (name not in own):
+            strangers.append(name)
+    return strangers
 
 
 def _is_complete(directory: Path) -> bool:

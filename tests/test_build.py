@@ -57,7 +57,7 @@ def test_output_loads_in_datasets_and_polars(tmp_path):
     assert set(ds) == {"train", "validation"}
     assert ds["train"].num_rows + ds["validation"].num_rows == 50
     assert ds["validation"].num_rows == len(rows_of(out, "validation")) > 0
-    frame = pl.read_parquet(out / "train-*.parquet")
+    frame = pl.read_parquet(out / "train" / "*.parquet")
     assert frame.columns == ["input_ids", "labels", "source", "row", "num_tokens", "num_trained", "truncated", "kinds"]
     again = tmp_path / "again"
     build([str(EXAMPLES / "chat.jsonl")], output=again, eval_fraction=0.2, seed=1)
@@ -126,13 +126,15 @@ def test_max_length_truncates_and_counts(tmp_path):
     src.write_text(json.dumps({"instruction": "Say hello", "output": "Hello " * 50}) + "\n"
                    + json.dumps({"instruction": "Long " * 80, "output": "x"}) + "\n"
                    + json.dumps({"instruction": "hi", "output": "yo"}) + "\n")
-    result = build([str(src)], output=tmp_path / "out", max_length=32)
+    result = build([str(src)], output=tmp_path / "out", max_length=32, shuffle=False)
     counts = result.manifest["counts"]
     assert counts["rows_kept"] == 2 and counts["truncated"] == 1 and counts["skipped"] == {"too-long": 1}
     rows = rows_of(tmp_path / "out")
     assert [r["num_tokens"] for r in rows] == [32, 12]
     assert [r["truncated"] for r in rows] == [True, False]
-    dropped = build([str(src)], output=tmp_path / "out2", max_length=32, truncation="drop")
+    dropped = build([str(src)], output=tmp_path / "out2", max_length=32, truncation="drop", max_skipped_fraction=1)
+    with pytest.raises(DataError, match=r"2 of 3 rows \(67%\) were skipped or removed, more than max_skipped_fraction 0.5: too-long \(2\)"):
+        build([str(src)], output=tmp_path / "out3", max_length=32, truncation="drop")
     assert dropped.manifest["counts"]["rows_kept"] == 1 and dropped.manifest["counts"]["skipped"] == {"too-long": 2}
 
 

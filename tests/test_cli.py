@@ -45,6 +45,10 @@ def test_nothing_kept_is_an_error(tmp_path):
     src.write_text(json.dumps({"instruction": "x"}) + "\n")
     result = CliRunner().invoke(main, ["build", str(src), "--format", "alpaca", "-o", str(tmp_path / "o")])
     assert result.exit_code == 1
+    assert "1 of 1 rows (100%) were skipped or removed" in result.output and "missing-field (1)" in result.output
+    result = CliRunner().invoke(main, ["build", str(src), "--format", "alpaca", "-o", str(tmp_path / "o"),
+                                       "--max-skipped-fraction", "1"])
+    assert result.exit_code == 1
     assert "no example was kept" in result.output
     assert "missing field 'output'" in result.output
 
@@ -76,7 +80,7 @@ def test_help_lists_commands():
 def test_python_api_has_the_command_names(tmp_path):
     import sftdata
 
-    result = sftdata.build([CHAT], output=tmp_path / "o")
+    result = sftdata.build([CHAT], shuffle=False, output=tmp_path / "o")
     assert result.manifest["counts"]["rows_kept"] == 50
     assert callable(sftdata.show) and callable(sftdata.verify) and callable(sftdata.dedup) and callable(sftdata.decontaminate)
 
@@ -108,7 +112,7 @@ def test_show_defaults_to_sftdata_out(tmp_path, monkeypatch):
     assert missing.exit_code == 1
     assert missing.output.splitlines() == ["error: sftdata-out does not exist: build it first (`sftdata build FILE "
                                            "--output sftdata-out`)"]
-    assert runner.invoke(main, ["build", CHAT, "-q"]).exit_code == 0
+    assert runner.invoke(main, ["build", CHAT, "-q", "--no-shuffle"]).exit_code == 0
     shown = runner.invoke(main, ["show", "--no-color", "--where", "chat.jsonl:2"])
     assert shown.exit_code == 0, shown.output
     assert f"── row 1 · {CHAT}:2 · " in shown.output

@@ -467,7 +467,8 @@ def test_build_reads_a_directory_records_each_file_and_survives_every_bad_row(tm
     compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
     (data / "c.jsonl.gz").write_bytes(compressor.compress(json.dumps(alpaca(1)).encode() + b"\n") +
                                       compressor.flush(zlib.Z_FULL_FLUSH) + b"\xff" * 64)  # one read: all lost
-    result = build([str(data)], template="chatml", tokenizer=str(TINY_TOKENIZER), output=tmp_path / "out")
+    result = build([str(data)], template="chatml", tokenizer=str(TINY_TOKENIZER), output=tmp_path / "out",
+                   max_skipped_fraction=1)
     manifest = result.manifest
     assert [(os.path.basename(i["path"]), i["rows"]) for i in manifest["inputs"]] == [
         ("a.jsonl", 5), ("b.csv", 4), ("c.jsonl.gz", 1)]

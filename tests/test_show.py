@@ -23,7 +23,7 @@ def capture(directory, width=100, **kwargs) -> str:
 
 
 def test_show_single_row_marks_every_trained_run(tmp_path):
-    build([CHAT], output=tmp_path / "o")
+    build([CHAT], shuffle=False, output=tmp_path / "o")
     text = capture(tmp_path / "o", row=0)
     assert "row 0 · " in text and "chat.jsonl:1 · " in text and "truncated: no" in text
     body = text.split("\n", 1)[1]  # after the legend line
@@ -34,7 +34,7 @@ def test_show_single_row_marks_every_trained_run(tmp_path):
 def test_show_never_breaks_lines_at_the_console_width(tmp_path):
     # Regression: the row header (with the source path) and long token lines were wrapped at the console width,
     # so the same row printed differently in a deeper checkout.
-    build([CHAT], output=tmp_path / "o")
+    build([CHAT], shuffle=False, output=tmp_path / "o")
     lines = capture(tmp_path / "o", width=30, row=0).splitlines()
     assert lines[1] == f"── row 0 · {CHAT}:1 · 53 tokens · 26 trained · truncated: no ──"
     assert lines[5] == ("⟦I·am·Vicuna,·a·language·model·trained·by·researchers·from·Large·Model·Systems·Organization·"
@@ -42,7 +42,7 @@ def test_show_never_breaks_lines_at_the_console_width(tmp_path):
 
 
 def test_show_separator_marks_every_token_boundary(tmp_path):
-    build([CHAT], output=tmp_path / "o")
+    build([CHAT], shuffle=False, output=tmp_path / "o")
     lines = capture(tmp_path / "o", row=0, separator="|").splitlines()
     assert lines[2:6] == [
         "<|im_start|>|user|↵",
@@ -54,7 +54,7 @@ def test_show_separator_marks_every_token_boundary(tmp_path):
 
 
 def test_show_marks_pack_boundaries(tmp_path):
-    build([CHAT], output=tmp_path / "p", pack=True, max_length=512)
+    build([CHAT], shuffle=False, output=tmp_path / "p", pack=True, max_length=512)
     text = capture(tmp_path / "p", row=0)
     assert "packed examples" in text
     assert "──── example 2 · " in text and "starts (position_ids restart) ────" in text
@@ -66,15 +66,15 @@ def test_iter_runs():
 
 
 def test_the_first_packed_example_names_its_source_row(tmp_path):
-    build([CHAT], output=tmp_path / "p", pack=True, max_length=512)
+    build([CHAT], shuffle=False, output=tmp_path / "p", pack=True, max_length=512)
     lines = capture(tmp_path / "p", row=0).splitlines()
-    first = pq.read_table(tmp_path / "p" / "train-00000.parquet", columns=["row"]).to_pylist()[0]["row"][0]
+    first = pq.read_table(tmp_path / "p" / "train" / "train-00000.parquet", columns=["row"]).to_pylist()[0]["row"][0]
     assert lines[2] == f"──── example 1 · {CHAT}:{first} starts ────"
     assert lines[3] == "<|im_start|>user↵"
 
 
 def test_a_truncated_row_shows_where_it_was_cut(tmp_path):
-    build([CHAT], output=tmp_path / "o", max_length=40)
+    build([CHAT], shuffle=False, output=tmp_path / "o", max_length=40)
     lines = capture(tmp_path / "o", row=0).splitlines()
     assert lines[1] == f"── row 0 · {CHAT}:1 · 40 tokens · 22 trained · truncated: yes ──"
     assert lines[-2:] == ["<|im_start|>user↵", "Have·a ✂ cut here by --max-length 40"]
@@ -83,15 +83,15 @@ def test_a_truncated_row_shows_where_it_was_cut(tmp_path):
 
 
 def test_a_truncated_example_in_a_packed_row_is_cut_where_it_ends(tmp_path):
-    build([CHAT], output=tmp_path / "p", pack=True, max_length=40)
-    index = [i for i, r in enumerate(pq.read_table(tmp_path / "p" / "train-00000.parquet").to_pylist())
+    build([CHAT], shuffle=False, output=tmp_path / "p", pack=True, max_length=40)
+    index = [i for i, r in enumerate(pq.read_table(tmp_path / "p" / "train" / "train-00000.parquet").to_pylist())
              if r["truncated"] == [True]][0]
     text = capture(tmp_path / "p", row=index)
     assert text.rstrip().endswith(" ✂ cut here by --max-length 40") and text.count("✂") == 2  # legend + marker
 
 
 def test_ids_table_shows_whitespace_tokens(tmp_path):
-    build([CHAT], output=tmp_path / "o")
+    build([CHAT], shuffle=False, output=tmp_path / "o")
     rows = [line.split("│")[1:5] for line in capture(tmp_path / "o", row=0, ids=True).splitlines() if "│" in line]
     cells = [[c.strip() for c in r] for r in rows[:9]]
     assert cells == [["0", "151644", "<|im_start|>", "-100"], ["1", "872", "user", "-100"], ["2", "198", "↵", "-100"],
@@ -101,8 +101,8 @@ def test_ids_table_shows_whitespace_tokens(tmp_path):
 
 def test_pick_rows_by_file_and_row_and_by_filters(tmp_path):
     alpaca = str(REPO / "examples" / "data" / "alpaca.jsonl")
-    build([alpaca, CHAT], output=tmp_path / "o", max_length=64)
-    table = pq.read_table(tmp_path / "o" / "train-00000.parquet", columns=["source", "row", "truncated"]).to_pylist()
+    build([alpaca, CHAT], shuffle=False, output=tmp_path / "o", max_length=64)
+    table = pq.read_table(tmp_path / "o" / "train" / "train-00000.parquet", columns=["source", "row", "truncated"]).to_pylist()
     truncated = [i for i, r in enumerate(table) if r["truncated"]]
     from_chat = [i for i, r in enumerate(table) if r["source"] == CHAT]
     assert len(truncated) == 145 and len(from_chat) == 50
@@ -124,8 +124,8 @@ def test_pick_rows_by_file_and_row_and_by_filters(tmp_path):
 
 
 def test_where_finds_the_packed_row_holding_an_example(tmp_path):
-    build([CHAT], output=tmp_path / "p", pack=True, max_length=256)
-    rows = pq.read_table(tmp_path / "p" / "train-00000.parquet", columns=["row"]).to_pylist()
+    build([CHAT], shuffle=False, output=tmp_path / "p", pack=True, max_length=256)
+    rows = pq.read_table(tmp_path / "p" / "train" / "train-00000.parquet", columns=["row"]).to_pylist()
     holder = next(i for i, r in enumerate(rows) if 5 in r["row"])
     text = capture(tmp_path / "p", where=f"{CHAT}:5")
     assert f"── row {holder} · " in text and f"· {CHAT}:5 starts" in text

@@ -206,8 +206,8 @@ def test_tokens_lost_to_truncation_match_an_untruncated_build(tmp_path):
     chat = str(REPO / "examples" / "data" / "chat.jsonl")
     full = build([chat], output=tmp_path / "full").manifest
     cut = build([chat], output=tmp_path / "cut", max_length=40).manifest
-    kept = {r["row"] for r in pq.read_table(tmp_path / "cut" / "train-00000.parquet", columns=["row"]).to_pylist()}
-    rows = [r for r in pq.read_table(tmp_path / "full" / "train-00000.parquet", columns=["row", "labels"]).to_pylist()
+    kept = {r["row"] for r in pq.read_table(tmp_path / "cut" / "train" / "train-00000.parquet", columns=["row"]).to_pylist()}
+    rows = [r for r in pq.read_table(tmp_path / "full" / "train" / "train-00000.parquet", columns=["row", "labels"]).to_pylist()
             if r["row"] in kept]  # rows left with no trained token after the cut are skipped, not truncated
     expected_tokens = sum(max(0, len(r["labels"]) - 40) for r in rows)
     expected_trained = sum(sum(1 for x in r["labels"][40:] if x != -100) for r in rows)

@@ -326,19 +326,19 @@ def test_a_deleted_or_truncated_shard_is_not_up_to_date(tmp_path):
     src = write_rows(tmp_path / "in.jsonl", 6)
     out = tmp_path / "out"
     manifest = build([str(src)], output=out, tokenizer=TOK).manifest
-    shard = out / "train-00000.parquet"
-    assert manifest["files"]["train-00000.parquet"] == {"bytes": shard.stat().st_size,
+    shard = out / "train" / "train-00000.parquet"
+    assert manifest["files"]["train/train-00000.parquet"] == {"bytes": shard.stat().st_size,
                                                         "sha256": __import__("sftdata.write").write.file_sha256(shard)}
-    assert set(manifest["files"]) == {"train-00000.parquet", "problems.jsonl", "removed.jsonl"}
+    assert set(manifest["files"]) == {"train/train-00000.parquet", "problems.jsonl", "removed.jsonl"}
     assert build([str(src)], output=out, tokenizer=TOK).up_to_date
     shard.unlink()
-    assert check_output_files(out, manifest) == ["train-00000.parquet is missing"]
+    assert check_output_files(out, manifest) == ["train/train-00000.parquet is missing"]
     rebuilt = build([str(src)], output=out, tokenizer=TOK)
     assert not rebuilt.up_to_date and assert_intact(out)
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
     assert check_output_files(out, rebuilt.manifest) == [
-        f"train-00000.parquet has {len(data) // 2:,} bytes, the manifest says {len(data):,}"]
+        f"train/train-00000.parquet has {len(data) // 2:,} bytes, the manifest says {len(data):,}"]
     assert not build([str(src)], output=out, tokenizer=TOK).up_to_date
     flipped = bytearray(shard.read_bytes())
     flipped[len(flipped) // 2] ^= 1  # same size, other content
