@@ -154,7 +154,8 @@ def print_summary(manifest: dict, output: str) -> None:
     if history.get("applied") not in (None, "none"):
         table.add_row("history policy", f"{history['applied']} (the template renders earlier turns differently)")
     table.add_row("rows read", f"{counts['rows_read']:,}")
-    table.add_row("examples kept", f"{counts['rows_kept']:,}")
+    table.add_row("rows kept", f"{counts['rows_kept']:,}" + (f" ({counts['examples']:,} examples)"
+                                                              if counts.get("examples", counts["rows_kept"]) != counts["rows_kept"] else ""))
     for kind, n in counts["skipped"].items():
         table.add_row(f"  skipped: {kind}", f"[red]{n:,}[/]")
     for reason, n in counts["removed"].items():
@@ -180,7 +181,13 @@ def print_summary(manifest: dict, output: str) -> None:
     table.add_row("tokens", f"{tokens['total']:,}")
     table.add_row("trained tokens", f"{tokens['trained']:,} ({share:.1%})")
     for split, info in manifest["splits"].items():
-        table.add_row(f"split {split}", f"{info['rows']:,} rows")
+        examples = info.get("examples", info["rows"])
+        table.add_row(f"split {split}", f"{info['rows']:,} rows" + (f" ({examples:,} examples)" if examples != info["rows"] else ""))
+    for entry in (manifest.get("mixing") or {}).get("sources", []):
+        by = manifest["mixing"]["by"]
+        target = f", weight {entry['weight']:g}" if "weight" in entry else ""
+        table.add_row(f"  train share: {entry['source']}",
+                      f"{entry['share_' + by]:.1%} of {by}{target} ({entry['rows']:,} of {entry['available_rows']:,} rows)")
     if manifest.get("packing"):
         for split, info in manifest["packing"].items():
             table.add_row(f"packing fill ({split})", f"{info.get('fill_ratio', 0):.4f}")
