@@ -658,7 +658,7 @@ def _special_tokens(encoder: Encoder, encoded: list[tuple[Case, Any]]) -> CheckR
     if eot_ids and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eot_ids:
         names = [backend.id_to_token(i) for i in eot_ids]
         notes.append(f"end-of-turn token {names[0]!r} (id {eot_ids[0]}) is not eos_token {tokenizer.eos_token!r} "
-                     f"(id {tokenizer.eos_token_id}): it is trained explicitly here (GUIDE §3.7); make sure generation "
+                     f"(id {tokenizer.eos_token_id}): it is trained explicitly here (failure mode 7, docs/invariants.md); make sure generation "
                      "stops on it (generation_config.eos_token_id)")
     trained_checked = 0
     bos = tokenizer.bos_token_id

@@ -95,7 +95,7 @@ def test_on_error_fail_leaves_previous_output_untouched(tmp_path):
 
 
 def test_fingerprint_skips_unchanged_and_rebuilds_on_any_change(tmp_path):
-    """GUIDE §3.15: the prepared data is reused only when inputs, template, tokenizer and options are the same."""
+    """Failure mode 15 (docs/invariants.md): the prepared data is reused only when inputs, template, tokenizer and options are the same."""
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
     out = tmp_path / "out"

@@ -1,7 +1,7 @@
 """Verified hand-off: packed rows are what trainers need, on CPU with a tiny Llama built from a config (fp32).
 
 - the logits of a packed row equal those of each example run alone (position_ids restart, attention_mask=None,
-  use_cache=False: transformers builds the block-diagonal mask from position_ids -- GUIDE failure 14), with negative
+  use_cache=False: transformers builds the block-diagonal mask from position_ids -- failure mode 14 of docs/invariants.md), with negative
   controls (continuous position_ids; an all-ones attention_mask; packed rows fed to DataCollatorWithFlattening as is);
 - the loss of a packed batch equals the loss of the same examples unpacked and padded;
 - TRL SFTTrainer (pre-tokenized, padding-free) and transformers.Trainer + DataCollatorWithFlattening train a few

@@ -1,4 +1,4 @@
-"""Exact input_ids and labels for small conversations, and regressions for GUIDE §3 failure modes 1-6, 9, 10, 12, 13.
+"""Exact input_ids and labels for small conversations, and regressions for failure modes 1-6, 9, 10, 12, 13 of docs/invariants.md.
 
 The expected lists were produced once, read token by token (see the piece names in the comments), and frozen:
 a change in any id or label is a change in what a model trains on, and must show up here.
@@ -170,7 +170,7 @@ def test_alpaca_with_and_without_input(load_tok):
     assert [x for x in ex.labels if x != M] == tok("5<|im_end|>", add_special_tokens=False)["input_ids"]
 
 
-# --- GUIDE §3 failure modes -----------------------------------------------------------------------------------
+# --- failure modes (docs/invariants.md) -----------------------------------------------------------------------------------
 
 
 def test_fm1_marker_tokenizes_differently_alone_than_in_context(load_tok):
