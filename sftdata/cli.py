@@ -128,21 +128,6 @@ def build_command(inputs, config, eval_fraction, dedup_flag, dedup_threshold, ev
         fail("no example was kept; see the reasons above and problems.jsonl")
 
 
-def parse_template_kwargs(text: str | None) -> dict:
-    """``--template-kwargs`` as a dict; a one-line error for anything but a JSON object."""
-    if not text:
-        return {}
-    import json
-
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise DataError(f"--template-kwargs is not valid JSON ({e}); e.g. '{{\"enable_thinking\": false}}'") from None
-    if not isinstance(value, dict):
-        raise DataError("--template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'")
-    return value
-
-
 def print_summary(manifest: dict, output: str) -> None:
     counts, tokens = manifest["counts"], manifest["tokens"]
     table = Table(title=f"sftdata build → {output}", show_header=False, title_justify="left")

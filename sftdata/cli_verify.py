@@ -42,14 +42,13 @@ def verify_command(tokenizer, template, history_policy, special_text, tokenizati
     sftdata verify --tokenizer ./Meta-Llama-3-8B-Instruct            # its own chat_template
     sftdata verify --tokenizer ./Qwen3-8B-Base --template chatml --json
     """
-    from sftdata.cli import parse_template_kwargs
     from sftdata.render import EncodeOptions
     from sftdata.tokenizer import load_tokenizer
     from sftdata.verify import verify
 
     try:
         options = EncodeOptions(special_text=special_text, history_policy=history_policy, tokenization=tokenization,
-                                template_kwargs=parse_template_kwargs(template_kwargs))
+                                template_kwargs=_mapping(template_kwargs))
         tok = load_tokenizer(tokenizer, template=template)
         report = verify(tok, template, options=options)
     except DataError as e:
@@ -85,3 +84,15 @@ def verify_command(tokenizer, template, history_policy, special_text, tokenizati
     else:
         out.print("[bold red]invariant checks failed: `sftdata build` would refuse this pair[/]")
     sys.exit(0 if report.ok else 1)
+
+
+def _mapping(text: str | None) -> dict:
+    """``--template-kwargs`` (JSON or KEY=VALUE pairs) as a dict; one error line otherwise."""
+    from sftdata.config import parse_mapping
+
+    if not text:
+        return {}
+    try:
+        return parse_mapping(text)
+    except TypeError as e:
+        fail(f"bad --template-kwargs value: {e}", exit_code=2)

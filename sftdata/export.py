@@ -44,32 +44,7 @@ class ExportError(Exception):
     """A problem that stops the export, with a message meant for the user."""
 
 
-try:  # the trainer's version once it lands (same name and signature)
-    from sftdata.train import generation_eos_ids  # type: ignore[attr-defined]
-except ImportError:
-
-    def generation_eos_ids(manifest: dict[str, Any], tokenizer: Any) -> list[int]:
-        """Token ids that stop generation: every id that ends a trained turn, then the tokenizer's EOS.
-
-        Same contract as the trainer's function: ``manifest["template"]["end_of_turn_ids"]`` when the build recorded
-        it (template ids first, de-duplicated); older manifests: the tokenizer's EOS plus the template's
-        ``end_of_turn`` string when it is a single token.
-        """
-        template = manifest.get("template") or {}
-        ids: list[int] = []
-        if template.get("end_of_turn_ids") is not None:
-            ids.extend(int(i) for i in template["end_of_turn_ids"])
-            if tokenizer.eos_token_id is not None:
-                ids.append(int(tokenizer.eos_token_id))
-        else:
-            if tokenizer.eos_token_id is not None:
-                ids.append(int(tokenizer.eos_token_id))
-            eot = template.get("end_of_turn")
-            if eot:
-                eot_ids = tokenizer.encode(eot, add_special_tokens=False)
-                if len(eot_ids) == 1:
-                    ids.append(int(eot_ids[0]))
-        return list(dict.fromkeys(ids))
+from sftdata.train import generation_eos_ids  # noqa: E402  (torch: export needs the train extra anyway)
 
 
 # --------------------------------------------------------------------------------------------------------------

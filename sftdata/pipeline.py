@@ -21,19 +21,12 @@ import xxhash
 
 from sftdata.record import Problem, Record, Removal
 from sftdata.render import EncodeOptions, Encoded, Encoder, truncate
+from sftdata.write import UNPACKED_SCHEMA
 
 # Columns of the staging table: what the output needs, plus what splits and mixing are computed from.
-STAGE_SCHEMA = pa.schema([
-    ("input_ids", pa.list_(pa.int32())),
-    ("labels", pa.list_(pa.int32())),
-    ("source", pa.string()),
-    ("row", pa.int64()),
-    ("num_tokens", pa.int32()),
-    ("num_trained", pa.int32()),
-    ("truncated", pa.bool_()),
-    ("kinds", pa.list_(pa.int8())),
-    ("origin", pa.int16()),     # index of the recipe source the row came from
-    ("group", pa.uint64()),     # stable hash of the split group (the conversation, or the split_by field)
+STAGE_SCHEMA = pa.schema(list(UNPACKED_SCHEMA) + [
+    pa.field("origin", pa.int16()),   # index of the recipe source the row came from
+    pa.field("group", pa.uint64()),   # stable hash of the split group (the conversation, or the split_by field)
 ])
 
 

@@ -588,11 +588,6 @@ def generation_eos_ids(manifest: dict[str, Any], tokenizer: Any) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
-def end_of_turn_ids(tokenizer: Any, manifest: dict[str, Any]) -> list[int]:
-    """Deprecated spelling of :func:`generation_eos_ids` (argument order swapped)."""
-    return generation_eos_ids(manifest, tokenizer)
-
-
 def save_generation_config(output: str | Path, base_model: str, tokenizer: Any, manifest: dict[str, Any]) -> None:
     """Write ``generation_config.json``: the base model's, with ``eos_token_id`` = :func:`generation_eos_ids`."""
     from transformers import GenerationConfig
