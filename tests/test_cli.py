@@ -19,7 +19,7 @@ def test_build_then_show(tmp_path):
     result = runner.invoke(main, ["build", CHAT, "--template", "chatml", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "tokenizer: qwen3 (bundled default for --template chatml" in result.output
-    assert "examples kept" in result.output and "50" in result.output
+    assert "rows kept" in result.output and "50" in result.output
     shown = runner.invoke(main, ["show", str(out), "--row", "0", "--no-color"])
     assert shown.exit_code == 0, shown.output
     text = shown.output
