@@ -250,7 +250,11 @@ def detect_language(text: str) -> tuple[str, float] | None:
             break
     else:
         return None
-    best = _language_detector().detect(prose, model="lite")[0]
+    detector = _language_detector()
+    try:
+        best = detector.detect(prose, model="lite")[0]
+    except (TypeError, UnicodeError):  # text fastText cannot take as UTF-8 (a lone surrogate)
+        best = detector.detect(prose.encode("utf-8", "replace").decode("utf-8"), model="lite")[0]
     return best["lang"], float(best["score"])
 
 

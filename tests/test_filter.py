@@ -352,6 +352,7 @@ def test_detect_language_needs_prose():
     assert detect_language("谢谢") is None      # 2 CJK characters
     assert detect_language("```python\nprint('hallo welt, wie geht es dir heute')\n```\n`x = 1`") is None  # code
     assert detect_language("42 + 17 = 59") is None
+    assert detect_language("Das ist ein Satz mit \ud800 einem Fehler.")[0] == "de"  # a lone surrogate
 
 
 def test_language_filter():
