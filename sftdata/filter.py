@@ -148,12 +148,10 @@ class FilterOptions:
     pii_phone_region: str = _f(
         "US", "Region (ISO 3166 code) assumed for phone numbers written without a +country code.")
 
-    def language_codes(self) -> list[str]:
-        """``languages`` as a list of lower-case codes (a comma-separated string is split)."""
-        if self.languages is None:
-            return []
-        items = self.languages.split(",") if isinstance(self.languages, str) else self.languages
-        return [code.strip().lower() for code in items if code.strip()]
+    def __post_init__(self) -> None:
+        if self.languages is not None:  # one canonical form (a list of lower-case codes) for the fingerprint
+            items = self.languages.split(",") if isinstance(self.languages, str) else self.languages
+            self.languages = [code.strip().lower() for code in items if code.strip()]
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the key of a value that cannot work."""
@@ -176,7 +174,7 @@ class FilterOptions:
         if self.drop_refusals and not any(p.strip() for p in self.refusal_phrases):
             raise ConfigError("filters: drop_refusals is on but refusal_phrases is empty")
         if self.languages is not None:
-            codes = self.language_codes()
+            codes = self.languages
             if not codes:
                 raise ConfigError("filters: languages is empty; leave it out to keep every language")
             unknown = [c for c in codes if c not in FASTTEXT_LANGUAGES]
@@ -425,7 +423,7 @@ class RecordFilter:
     def __init__(self, options: FilterOptions):
         options.validate()
         self.options = options
-        self.languages = frozenset(options.language_codes())
+        self.languages = frozenset(options.languages or ())
         self.refusal_phrases = tuple(dict.fromkeys(
             _normalized_for_matching(p) for p in options.refusal_phrases if p.strip()))
         self.pii = PiiScanner(options.pii_phone_region) if options.pii != "keep" else None

@@ -61,7 +61,7 @@ def test_options_from_a_recipe_section():
         dataclass_from_dict(FilterOptions, {"min_chars": 5}, source="recipe.yaml")
     with pytest.raises(ConfigError, match="pii: 'mask' is not one of keep, redact, drop"):
         dataclass_from_dict(FilterOptions, {"pii": "mask"}, source="recipe.yaml")
-    assert FilterOptions(languages="en, DE").language_codes() == ["en", "de"]
+    assert FilterOptions(languages="en, DE").languages == ["en", "de"]  # the CLI's comma-separated form
 
 
 @pytest.mark.parametrize("values, message", [
