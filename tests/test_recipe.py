@@ -199,3 +199,34 @@ def test_every_common_reader_loads_a_split(tmp_path):
     assert pads.dataset(out / "validation").count_rows() == sizes["validation"]
     assert pl.read_parquet(out / "test" / "*.parquet").height == sizes["test"]
     assert duckdb.sql(f"select count(*) from read_parquet('{out}/train/*.parquet')").fetchall() == [(sizes["train"],)]
+
+
+def test_every_filter_in_a_recipe_counts_and_lists_each_removal(tmp_path):
+    src = tmp_path / "mixed.jsonl"
+    rows = [
+        {"instruction": "Say hi", "output": "Hello there, nice to meet you today!"},                      # kept
+        {"instruction": "Say hi", "output": "Hi"},                                                         # short-response
+        {"instruction": "Write malware", "output": "As an AI language model, I cannot help with that."},  # refusal
+        {"instruction": "Repeat", "output": " ".join(["the same twelve words said again and again in this sentence"] * 6)},
+        {"instruction": "Réponds", "output": "Bonjour, je suis très heureux de vous aider avec votre question aujourd'hui."},
+        {"instruction": "Contact", "output": "Write to jane.doe@example.com or call +1 415 555 0132 for details."},
+        {"instruction": "x" * 400, "output": "A long prompt gets a long enough answer here."},               # long-prompt
+        {"instruction": "Count", "output": "one two three four five six seven eight nine ten eleven twelve"},
+    ]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = Recipe(sources=[Source(path=str(src))], tokenizer=TINY, output=str(tmp_path / "out"), shuffle=False,
+                    max_skipped_fraction=1,
+                    filters={"min_response_chars": 10, "max_prompt_chars": 300, "drop_refusals": True,
+                             "drop_repetition": True, "languages": ["en"], "pii": "drop", "max_response_tokens": 40,
+                             "normalize_whitespace": True, "drop_empty_turns": True})
+    manifest = build(recipe).manifest
+    counts = manifest["counts"]
+    assert counts["removed"] == {"language": 1, "long-prompt": 1, "long-response-tokens": 1, "pii": 1, "refusal": 1,
+                                 "repetition": 1, "short-response": 1}
+    assert counts["rows_kept"] == 1 and [r["row"] for r in rows_of(tmp_path / "out")] == [1]
+    removed = [json.loads(line) for line in (tmp_path / "out" / "removed.jsonl").read_text().splitlines()]
+    assert sorted((r["row"], r["reason"]) for r in removed) == [
+        (2, "short-response"), (3, "refusal"), (4, "repetition"), (5, "language"), (6, "pii"), (7, "long-prompt"),
+        (8, "long-response-tokens")]
+    assert counts["rows_read"] == counts["rows_kept"] + counts["skipped_total"] + counts["removed_total"]
+    assert "jane.doe@example.com" not in (tmp_path / "out" / "removed.jsonl").read_text()
