@@ -16,3 +16,18 @@ def test_train_tiny_example_runs_end_to_end(tmp_path):
     assert "prompt rendered with the build's template: '<s>[INST] Write a Python function that reverses a string. [/INST]'" in result.stdout
     assert "merged model: same greedy tokens = True" in result.stdout
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_the_example_recipe_builds(tmp_path, monkeypatch):
+    """README's first command: the shipped recipe, 85/15 mix, 80/10/10 splits, filters and dedup, on the example data."""
+    from sftdata.build import build
+
+    monkeypatch.chdir(REPO)  # the recipe's source paths are relative to the repository
+    manifest = build(config="examples/recipe.yaml", output=str(tmp_path / "out")).manifest
+    counts = manifest["counts"]
+    assert counts["rows_read"] == 200
+    assert counts["rows_read"] == counts["rows_kept"] + counts["skipped_total"] + counts["removed_total"]
+    assert set(counts["removed"]) <= {"mixing", "near-duplicate", "exact-duplicate", "refusal", "short-response"}
+    assert set(manifest["splits"]) == {"train", "validation", "test"}
+    shares = [s["share_rows"] for s in manifest["mixing"]["sources"]]
+    assert abs(shares[0] - 0.85) < 0.02 and abs(shares[1] - 0.15) < 0.02  # 149 training rows: one row is 0.7%
