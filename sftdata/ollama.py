@@ -306,7 +306,8 @@ def library() -> dict[str, OllamaTemplate]:
         if body.endswith("}}\n"):  # the file's final newline; a template ends with an action
             body = body[:-1]
         used = _uses(body, helpers)
-        notes = "\n".join(line.strip() for line in header.group(1).strip().splitlines())
+        paragraphs = re.split(r"\n\s*\n", header.group(1).strip())  # blank lines separate paragraphs
+        notes = "\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
         out[path.stem] = OllamaTemplate(path.stem, body, notes, "".join(helpers[n] for n in used))
     return out
 
@@ -413,3 +414,131 @@ def compare(go_template: str, jinja: Any, probe_list: list[Probe], *, today: dat
         if stop_at_first_difference and want is not None and want != got:
             break
     return results
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Choosing the TEMPLATE for a training template, and the Modelfile
+# --------------------------------------------------------------------------------------------------------------
+
+FEATURES = ("plain", "tools", "reasoning")
+_KIND = {"plain": "plain", "tools": "from tool-call conversations", "reasoning": "from reasoning conversations"}
+
+
+@dataclass
+class OllamaChoice:
+    """The Go template chosen for a training template and what the comparison showed: ``equal`` and ``differ``
+    count serving prompts per feature (``plain``, ``tools``, ``reasoning``); ``equivalent`` when none differs (else
+    the plain prompts all agree and ``differ`` says which features do not)."""
+
+    name: str
+    text: str
+    notes: str
+    equivalent: bool
+    equal: dict[str, int] = field(default_factory=dict)
+    differ: dict[str, int] = field(default_factory=dict)
+    refused: int = 0
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{n} {_KIND[k]}" for k, n in self.equal.items() if n)
+        total = sum(self.equal.values())
+        text = (f"the Go template for the built-in `{self.name}` template (templates/ollama/{self.name}.gotmpl), "
+                f"rendered by sftdata's Go-template evaluator as Ollama renders it: identical to the training "
+                f"template (BOS aside) on {total} serving prompts of sftdata's verify suite ({counts})")
+        if not self.equivalent:
+            text += ("; it DIFFERS on " + ", ".join(f"{n} {_KIND[k]}" for k, n in self.differ.items() if n) +
+                     ": such conversations are not served as they were trained")
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "equivalent": self.equivalent, "equal": self.equal, "differ": self.differ,
+                "refused_by_training_template": self.refused}
+
+
+def _tally(results: list[ProbeResult]) -> tuple[dict[str, int], dict[str, int], int]:
+    equal = {f: 0 for f in FEATURES}
+    differ = {f: 0 for f in FEATURES}
+    refused = 0
+    for r in results:
+        if r.jinja is None:
+            refused += 1
+        elif r.equal:
+            equal[r.probe.feature] += 1
+        else:
+            differ[r.probe.feature] += 1
+    return equal, differ, refused
+
+
+def choose_template(source: str | None, special_tokens: dict[str, str], *, prefer: str | None = None,
+                    today: datetime.date | None = None) -> OllamaChoice | None:
+    """The library's Go template that renders like the Jinja ``source`` on every serving prompt of the probe suite
+    (BOS aside); failing that, one that agrees on every plain prompt (its ``differ`` names the features that do not
+    render alike); None when none agrees on the plain prompts. ``prefer`` (the build's template name) is tried
+    first; the choice follows what the template renders, not its name."""
+    from sftdata.templates import ChatTemplate
+
+    if not source:
+        return None
+    jinja = ChatTemplate("training", source, dict(special_tokens))
+    probe_list = probes(source)
+    plain = [p for p in probe_list if p.feature == "plain"]
+    lib = library()
+    order = sorted(lib, key=lambda n: n != prefer)
+    texts = {}
+    for name in order:
+        try:
+            texts[name] = lib[name].text(special_tokens)
+        except KeyError:  # needs a special token this tokenizer does not have
+            continue
+    for name, text in texts.items():
+        results = compare(text, jinja, probe_list, today=today, stop_at_first_difference=True)
+        equal, differ, refused = _tally(results)
+        if not any(differ.values()) and any(equal.values()):
+            return OllamaChoice(name, text, lib[name].notes, True, equal, differ, refused)
+    for name, text in texts.items():
+        results = compare(text, jinja, plain, today=today, stop_at_first_difference=True)
+        equal, differ, _ = _tally(results)
+        if not any(differ.values()) and equal["plain"]:
+            equal, differ, refused = _tally(compare(text, jinja, probe_list, today=today))
+            return OllamaChoice(name, text, lib[name].notes, False, equal, differ, refused)
+    return None
+
+
+def _comment(text: str, width: int = 116) -> list[str]:
+    import textwrap
+
+    lines = []
+    for paragraph in text.split("\n"):
+        lines += textwrap.wrap(paragraph, width - 2, break_long_words=False, break_on_hyphens=False) or [""]
+    return ["# " + line if line else "#" for line in lines]
+
+
+def modelfile(gguf_name: str, choice: OllamaChoice | None, stops: list[str], template_name: str | None = None,
+              template_kwargs: dict[str, Any] | None = None) -> str:
+    """The Modelfile: ``FROM``, the ``TEMPLATE`` with comments on what it covers (or why there is none), and one
+    ``PARAMETER stop`` per end-of-turn marker."""
+    lines = [f"FROM ./{gguf_name}"]
+    if choice is not None and '"""' in choice.text:
+        lines += _comment(f"No TEMPLATE: the Go template for `{choice.name}` would contain \"\"\" (from a special "
+                          "token), which a Modelfile cannot quote.")
+    elif choice is not None:
+        lines += _comment("TEMPLATE: " + choice.summary() + ".")
+        lines += _comment(choice.notes)
+        lines += _comment("Before any TEMPLATE runs, Ollama merges consecutive messages of one role (but tool) into one "
+                          "message, joined by a blank line: such conversations are served unlike their training "
+                          "render.")
+        passed = {k: v for k, v in (template_kwargs or {}).items() if k not in ("enable_thinking", "reasoning_effort")}
+        if passed:
+            lines += _comment(f"The build passed the template keywords {json.dumps(passed, ensure_ascii=False)}: an "
+                              "Ollama request cannot pass them, so this TEMPLATE renders the template's defaults.")
+        lines.append(f'TEMPLATE """{choice.text}"""')
+    else:
+        lines += _comment(
+            f"No TEMPLATE: no Go template that sftdata writes renders like the training template "
+            f"({template_name or 'custom'}) on the plain serving prompts of sftdata's verify suite. Without one, "
+            "`ollama create` takes a template of its own library when the GGUF's tokenizer.chat_template (the "
+            "training template) is close to one it knows, and recent Ollama versions otherwise render the "
+            "tokenizer.chat_template itself: check what is served with `ollama show --template`, or serve the GGUF "
+            "with `llama-server --jinja`.")
+    for s in stops:
+        lines.append(f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}")
+    return "\n".join(lines) + "\n"
