@@ -8,7 +8,8 @@ template, stopping at every end-of-turn id, and checked by loading it back.
   end-of-turn id, the adapter itself under ``adapter/`` with an absolute ``base_model_name_or_path``, and a
   ``README.md`` with the vLLM command lines (merged, and multi-LoRA after checking that vLLM accepts the adapter).
 * ``gguf``: one GGUF file for llama.cpp and Ollama (``f16``, ``q8_0``, ``q4_0``, ``q4_k_m``) with the template as
-  ``tokenizer.chat_template`` and the end-of-turn ids, plus an Ollama ``Modelfile``.
+  ``tokenizer.chat_template`` and the end-of-turn ids, plus an Ollama ``Modelfile`` whose ``TEMPLATE`` renders what the
+  training template renders (:mod:`sftdata.ollama`).
 
 Validation loads what was written and generates greedily from a prompt rendered with the training template: the
 merged model must give the adapter's greedy tokens; the GGUF, run by llama.cpp (llama-cpp-python), is compared with
@@ -578,8 +579,12 @@ def write_modelfile(source: Source, output: Path, gguf_name: str, result: dict[s
     from sftdata.ollama import choose_template, modelfile
     from sftdata.templates import special_token_variables
 
+    tok = source.tokenizer
     template = source.manifest.get("template") or {}
-    choice = choose_template(source.template, special_token_variables(source.tokenizer), prefer=template.get("name"))
+    # the GGUF's add_bos_token comes from the same tokenizer files: llama.cpp adds BOS exactly when transformers does
+    adds_bos = tok.bos_token_id is not None and tok("x")["input_ids"][:1] == [tok.bos_token_id]
+    choice = choose_template(source.template, special_token_variables(tok), prefer=template.get("name"),
+                             adds_bos=adds_bos)
     result["ollama_template"] = choice.to_dict() if choice else None
     kwargs = (source.manifest.get("options") or {}).get("template_kwargs")
     path = output / "Modelfile"

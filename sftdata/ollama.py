@@ -384,15 +384,15 @@ class ProbeResult:
 
 
 def compare(go_template: str, jinja: Any, probe_list: list[Probe], *, today: datetime.date | None = None,
-            stop_at_first_difference: bool = False) -> list[ProbeResult]:
-    """Render each probe with the training template (``ChatTemplate``, generation prompt on, BOS stripped: llama.cpp
-    adds it) and with the Go template as Ollama would; conversations the training template refuses are kept with
-    ``jinja=None`` (no claim either way)."""
+            stop_at_first_difference: bool = False, strip_bos: bool = True) -> list[ProbeResult]:
+    """Render each probe with the training template (``ChatTemplate``, generation prompt on, a leading BOS stripped
+    when ``strip_bos``: llama.cpp adds it) and with the Go template as Ollama would; conversations the training
+    template refuses are kept with ``jinja=None`` (no claim either way)."""
     from sftdata.render import _tool_call_message, tool_call_form
 
     day = today or datetime.date.today()
     as_string, as_none = tool_call_form(jinja)
-    bos = jinja.special_tokens.get("bos_token") or ""
+    bos = (jinja.special_tokens.get("bos_token") or "") if strip_bos else ""
     parsed = parse(go_template, day)
     results = []
     for p in probe_list:
@@ -469,11 +469,12 @@ def _tally(results: list[ProbeResult]) -> tuple[dict[str, int], dict[str, int], 
 
 
 def choose_template(source: str | None, special_tokens: dict[str, str], *, prefer: str | None = None,
-                    today: datetime.date | None = None) -> OllamaChoice | None:
+                    today: datetime.date | None = None, adds_bos: bool = True) -> OllamaChoice | None:
     """The library's Go template that renders like the Jinja ``source`` on every serving prompt of the probe suite
     (BOS aside); failing that, one that agrees on every plain prompt (its ``differ`` names the features that do not
     render alike); None when none agrees on the plain prompts. ``prefer`` (the build's template name) is tried
-    first; the choice follows what the template renders, not its name."""
+    first; the choice follows what the template renders, not its name. ``adds_bos``: llama.cpp adds the BOS the
+    template writes first (the GGUF's ``add_bos_token``), so the Go templates leave it out."""
     from sftdata.templates import ChatTemplate
 
     if not source:
@@ -490,15 +491,15 @@ def choose_template(source: str | None, special_tokens: dict[str, str], *, prefe
         except KeyError:  # needs a special token this tokenizer does not have
             continue
     for name, text in texts.items():
-        results = compare(text, jinja, probe_list, today=today, stop_at_first_difference=True)
+        results = compare(text, jinja, probe_list, today=today, stop_at_first_difference=True, strip_bos=adds_bos)
         equal, differ, refused = _tally(results)
         if not any(differ.values()) and any(equal.values()):
             return OllamaChoice(name, text, lib[name].notes, True, equal, differ, refused)
     for name, text in texts.items():
-        results = compare(text, jinja, plain, today=today, stop_at_first_difference=True)
+        results = compare(text, jinja, plain, today=today, stop_at_first_difference=True, strip_bos=adds_bos)
         equal, differ, _ = _tally(results)
         if not any(differ.values()) and equal["plain"]:
-            equal, differ, refused = _tally(compare(text, jinja, probe_list, today=today))
+            equal, differ, refused = _tally(compare(text, jinja, probe_list, today=today, strip_bos=adds_bos))
             return OllamaChoice(name, text, lib[name].notes, False, equal, differ, refused)
     return None
 

@@ -443,6 +443,10 @@ def test_choose_template_follows_what_the_template_renders():
     assert "it DIFFERS on 4 from tool-call conversations: such conversations are not served as they were trained" in \
         modelfile_comments(modelfile("m.gguf", choice, ["<|im_end|>"]))
     assert choose_template("{{ messages[0]['content'] }}{{ '###' }}", {}) is None
+    # a template that writes BOS for a tokenizer (so a GGUF) that does not add one: the Go templates leave it out
+    llama3_tokens = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+    assert choose_template(load_template("llama3_0").source, llama3_tokens, adds_bos=False) is None
+    assert choose_template(load_template("llama3_0").source, llama3_tokens).name == "llama3_0"
     assert choose_template(None, {}) is None
     with pytest.raises(KeyError, match="needs eos_token"):
         library()["zephyr"].text({"bos_token": "<s>"})
