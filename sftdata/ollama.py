@@ -281,10 +281,6 @@ class OllamaTemplate:
 
         return _TOKEN_SLOT.sub(fill, self.defines + self.body)
 
-    @property
-    def slots(self) -> set[str]:
-        return set(_TOKEN_SLOT.findall(self.body))
-
 
 @lru_cache(maxsize=None)
 def library() -> dict[str, OllamaTemplate]:
