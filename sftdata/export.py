@@ -8,7 +8,8 @@ template, stopping at every end-of-turn id, and checked by loading it back.
   end-of-turn id, the adapter itself under ``adapter/`` with an absolute ``base_model_name_or_path``, and a
   ``README.md`` with the vLLM command lines (merged, and multi-LoRA after checking that vLLM accepts the adapter).
 * ``gguf``: one GGUF file for llama.cpp and Ollama (``f16``, ``q8_0``, ``q4_0``, ``q4_k_m``) with the template as
-  ``tokenizer.chat_template`` and the end-of-turn ids, plus an Ollama ``Modelfile``.
+  ``tokenizer.chat_template`` and the end-of-turn ids, plus an Ollama ``Modelfile`` whose ``TEMPLATE`` renders what the
+  training template renders (:mod:`sftdata.ollama`).
 
 Validation loads what was written and generates greedily from a prompt rendered with the training template: the
 merged model must give the adapter's greedy tokens; the GGUF, run by llama.cpp (llama-cpp-python), is compared with
@@ -527,99 +528,6 @@ def quantize_gguf(src: Path, dst: Path, quant: str) -> None:
         raise ExportError(f"llama.cpp could not quantize {src.name} to {quant} (return code {rc}): {' | '.join(tail)}")
 
 
-# Ollama TEMPLATE (Go text/template) for templates whose turns are a fixed prefix + content + suffix per role. A
-# training template gets one only when these pieces render exactly what the template renders on probe conversations
-# (so the choice follows what the template does, not its name). BOS is left to the GGUF's add_bos_token (llama.cpp
-# adds it when tokenizing), never written twice.
-OLLAMA_TURNS: dict[str, dict[str, Any]] = {
-    "chatml": {"roles": {"system": ("<|im_start|>system\n", "<|im_end|>\n"),
-                         "user": ("<|im_start|>user\n", "<|im_end|>\n"),
-                         "assistant": ("<|im_start|>assistant\n", "<|im_end|>\n")},
-               "generation": "<|im_start|>assistant\n"},
-    "llama3-header": {"roles": {r: (f"<|start_header_id|>{r}<|end_header_id|>\n\n", "<|eot_id|>")
-                                for r in ("system", "user", "assistant")},
-                      "generation": "<|start_header_id|>assistant<|end_header_id|>\n\n"},
-    "zephyr": {"roles": {"system": ("<|system|>\n", "</s>\n"), "user": ("<|user|>\n", "</s>\n"),
-                         "assistant": ("<|assistant|>\n", "</s>\n")},
-               "generation": "<|assistant|>\n"},
-    "phi3": {"roles": {"system": ("<|system|>\n", "<|end|>\n"), "user": ("<|user|>\n", "<|end|>\n"),
-                       "assistant": ("<|assistant|>\n", "<|end|>\n")},
-             "generation": "<|assistant|>\n"},
-    "mistral-inst": {"roles": {"user": ("[INST] ", " [/INST]"), "assistant": ("", "</s>")}, "generation": ""},
-}
-_PROBES = ([{"role": "user", "content": "Hi"}],
-           [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-            {"role": "user", "content": "Two\nlines"}],
-           [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}])
-
-
-def render_turns(shape: str, messages: list[dict[str, str]]) -> str:
-    """What the Ollama template of ``shape`` renders for ``messages`` (followed by the generation prompt)."""
-    spec = OLLAMA_TURNS[shape]
-    out = []
-    for m in messages:
-        pre, post = spec["roles"][m["role"]]
-        out.append(pre + m["content"] + post)
-    return "".join(out) + spec["generation"]
-
-
-def ollama_shape(template: str | None, tokenizer: Any) -> str | None:
-    """The ``OLLAMA_TURNS`` shape that renders like ``template`` (BOS aside) on the probe conversations, if any."""
-    from sftdata.templates import ChatTemplate, special_token_variables
-
-    if not template:
-        return None
-    tpl = ChatTemplate("training", template, special_token_variables(tokenizer))
-    bos = tokenizer.bos_token or ""
-    for shape, spec in OLLAMA_TURNS.items():
-        ok = True
-        for conv in _PROBES:
-            if any(m["role"] not in spec["roles"] for m in conv):
-                continue
-            try:
-                text = tpl.render(conv, add_generation_prompt=True)
-            except Exception:
-                ok = False
-                break
-            if (text[len(bos):] if bos and text.startswith(bos) else text) != render_turns(shape, conv):
-                ok = False
-                break
-        if ok:
-            return shape
-    return None
-
-
-def _go_string(text: str) -> str:
-    return text.replace("{{", '{{ "{{" }}')
-
-
-def ollama_template(shape: str | None) -> str | None:
-    """The Go template Ollama renders for ``shape``: every message, then the generation prompt."""
-    spec = OLLAMA_TURNS.get(shape or "")
-    if spec is None:
-        return None
-    branches = []
-    for i, (role, (pre, post)) in enumerate(spec["roles"].items()):
-        branches.append(("{{ if" if i == 0 else "{{ else if") + f' eq .Role "{role}" }}}}'
-                        + _go_string(pre) + "{{ .Content }}" + _go_string(post))
-    return "{{- range .Messages }}" + "".join(branches) + "{{ end }}{{ end }}" + _go_string(spec["generation"])
-
-
-def modelfile(gguf_name: str, shape: str | None, stops: list[str], template_name: str | None = None) -> str:
-    lines = [f"FROM ./{gguf_name}"]
-    go = ollama_template(shape)
-    if go is not None:
-        lines.append(f'TEMPLATE """{go}"""')
-    else:
-        lines.append(f"# No TEMPLATE: the training template ({template_name or 'custom'}) is not a fixed prefix + content "
-                     "+ suffix per role that sftdata writes as a Go template. Ollama matches the GGUF's "
-                     "tokenizer.chat_template (the training template) against its own template library; check the "
-                     "result with `ollama show --template`.")
-    for s in stops:
-        lines.append(f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}")
-    return "\n".join(lines) + "\n"
-
-
 def export_gguf(source: Source, output: Path, quant: str, *, hf_dir: Path, eos_ids: list[int],
                 name: str) -> dict[str, Any]:
     """Write ``OUTPUT/<name>-<quant>.gguf`` from the merged ``hf_dir`` and ``OUTPUT/Modelfile``."""
@@ -637,12 +545,26 @@ def export_gguf(source: Source, output: Path, quant: str, *, hf_dir: Path, eos_i
     result["bytes"] = gguf_path.stat().st_size
     result["eos_token_ids"] = eos_ids
     result["stop"] = end_markers(source)
-    template_name = (source.manifest.get("template") or {}).get("name")
-    result["ollama_template"] = ollama_shape(source.template, source.tokenizer)
-    (output / "Modelfile").write_text(modelfile(gguf_path.name, result["ollama_template"], result["stop"],
-                                                template_name), encoding="utf-8")
-    result["modelfile"] = str(output / "Modelfile")
+    result["modelfile"] = str(write_modelfile(source, output, gguf_path.name, result))
     return result
+
+
+def write_modelfile(source: Source, output: Path, gguf_name: str, result: dict[str, Any]) -> Path:
+    """``OUTPUT/Modelfile`` with the Ollama TEMPLATE that renders like the training template (sftdata.ollama)."""
+    from sftdata.ollama import choose_template, modelfile
+    from sftdata.templates import special_token_variables
+
+    tok = source.tokenizer
+    template = source.manifest.get("template") or {}
+    # the GGUF's add_bos_token comes from the same tokenizer files: llama.cpp adds BOS exactly when transformers does
+    adds_bos = tok.bos_token_id is not None and tok("x")["input_ids"][:1] == [tok.bos_token_id]
+    choice = choose_template(source.template, special_token_variables(tok), prefer=template.get("name"),
+                             adds_bos=adds_bos)
+    result["ollama_template"] = choice.to_dict() if choice else None
+    kwargs = (source.manifest.get("options") or {}).get("template_kwargs")
+    path = output / "Modelfile"
+    path.write_text(modelfile(gguf_name, choice, result["stop"], template.get("name"), kwargs), encoding="utf-8")
+    return path
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from datetime import date
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -29,19 +31,28 @@ from sftdata.export import (  # noqa: E402
     export,
     generation_eos_ids,
     gguf_tensor_types,
-    modelfile,
-    ollama_shape,
-    ollama_template,
     quantize_gguf,
     read_source,
-    render_turns,
     validate_gguf,
     vllm_adapter_check,
     write_gguf,
 )
-from sftdata.templates import load_template  # noqa: E402
+from sftdata.gotemplate import GoTemplate, GoTemplateError  # noqa: E402
+from sftdata.ollama import (  # noqa: E402
+    OllamaChoice,
+    choose_template,
+    compare,
+    library,
+    modelfile,
+    ollama_message,
+    probes,
+    render,
+)
+from sftdata.render import _tool_call_message, tool_call_form  # noqa: E402
+from sftdata.templates import ChatTemplate, builtin_template_names, load_template, special_token_variables  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+OLLAMA_FIXTURES = REPO / "fixtures" / "ollama"
 
 # Bounds documented in docs/export.md (relative logit RMSE = RMS(llama.cpp − transformers) / RMS(transformers logits)
 # over the prompt positions; measured on this test model: f16 0.0005, q8_0 0.011, q4_0 0.12, q4_k_m 0.09).
@@ -190,11 +201,20 @@ def test_export_cli_gguf_q4_k_m_with_modelfile(work, adapter):
     assert not [p for p in out.iterdir() if p.name.startswith(".sftdata-export-")]
     r = CliRunner().invoke(main, ["export", str(adapter), "--format", "hf", "-o", str(work / "data")])
     assert r.exit_code == 2 and "exists and is not an sftdata export" in r.output  # never overwrites other data
-    assert (out / "Modelfile").read_text() == (
-        'FROM ./adapter-q4_k_m.gguf\n'
-        'TEMPLATE """{{- range .Messages }}{{ if eq .Role "user" }}[INST] {{ .Content }} [/INST]'
-        '{{ else if eq .Role "assistant" }}{{ .Content }}</s>{{ end }}{{ end }}"""\n'
+    text = (out / "Modelfile").read_text()
+    assert text.startswith("FROM ./adapter-q4_k_m.gguf\n# TEMPLATE: the Go template for the built-in `mistral` template")
+    assert "on 19 serving prompts of sftdata's verify suite (14 plain, 4 from tool-call conversations, 1 from " \
+           "reasoning conversations)" in modelfile_comments(text)
+    assert text.endswith(
+        'TEMPLATE """{{- range .Messages }}\n'
+        '{{- if eq .Role "user" }}[INST] {{ .Content }} [/INST]\n'
+        '{{- else if eq .Role "assistant" }}{{ .Content }}</s>\n'
+        '{{- end }}\n'
+        '{{- end }}"""\n'
         'PARAMETER stop "</s>"\n')
+    assert info["ollama_template"] == {"name": "mistral", "equivalent": True, "refused_by_training_template": 9,
+                                       "equal": {"plain": 14, "tools": 4, "reasoning": 1},
+                                       "differ": {"plain": 0, "tools": 0, "reasoning": 0}}
 
 
 def test_llama3_vocab_and_end_of_turn_ids_in_gguf(work):
@@ -245,25 +265,238 @@ def test_vllm_adapter_check(tmp_path):
     assert [p.split(" ")[0] for p in bad["problems"]] == ["rank", "target", "modules_to_save", "DoRA"]
 
 
-@pytest.mark.parametrize("name,shape", [("chatml", "chatml"), ("zephyr", "zephyr"), ("phi3", "phi3"),
-                                        ("mistral", "mistral-inst"), ("llama3_1 tokenizer", "llama3-header"),
-                                        ("alpaca", None), ("llama2", None)])
-def test_ollama_template_only_where_it_renders_like_the_training_template(name, shape):
-    llama3 = name.startswith("llama3")
-    tok = tf.load_tokenizer("llama3_1" if llama3 else "mistral-7b-v0.1")
-    template = load_template("tokenizer" if llama3 else name, tok)  # the llama3_1 tokenizer's own (Llama-3.0) text
-    assert ollama_shape(template.source, tok) == shape
-    if shape is None:
-        assert ollama_template(shape) is None
-        return
-    convs = [[{"role": "user", "content": "Hi"}],
-             [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-              {"role": "user", "content": "Bye\nnow"}]]
-    if shape != "mistral-inst":
-        convs.append([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}])
-    for conv in convs:
-        jinja = template.render(conv, add_generation_prompt=True)
-        bos = tok.bos_token if jinja.startswith(tok.bos_token) else ""  # llama.cpp adds BOS (add_bos_token)
-        assert render_turns(shape, conv) == jinja[len(bos):]
-    go = ollama_template(shape)
-    assert go.startswith("{{- range .Messages }}") and go.count("{{ .Content }}") == (2 if shape == "mistral-inst" else 3)
+# --------------------------------------------------------------------------------------------------------------
+# Ollama: the Modelfile TEMPLATE (sftdata/ollama.py, sftdata/gotemplate.py, templates/ollama/)
+# --------------------------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def ollama_fixture(name: str) -> dict:
+    return json.loads((OLLAMA_FIXTURES / name).read_text(encoding="utf-8"))
+
+
+def reference() -> dict:
+    """Renders by Ollama's own template package (fixtures/ollama/make_reference.py)."""
+    return ollama_fixture("reference_renders.json")
+
+
+def modelfile_comments(text: str) -> str:
+    """The Modelfile's comment lines as one paragraph (they are wrapped)."""
+    return " ".join(line[2:] for line in text.splitlines() if line.startswith("# "))
+
+
+def fixture_date() -> date:
+    return date.fromisoformat(reference()["date"])
+
+
+def test_evaluator_reproduces_ollamas_own_template_tests():
+    """The expected renders of Ollama's TestTemplate: its 20 library templates on its three conversations."""
+    tests = ollama_fixture("ollama_template_tests.json")
+    assert len(tests["templates"]) == 20
+    for name, t in tests["templates"].items():
+        for case, want in t["expected"].items():
+            got = render(t["template"], tests["conversations"][case])
+            if name in tests["trailing_space_removed"] and got.endswith(" "):
+                got = got[:-1]  # as Ollama's test does for these templates
+            assert got == want, (name, case)
+
+
+def test_evaluator_matches_ollamas_template_package():
+    """Every render Ollama's template package made of sftdata's TEMPLATEs (suite and edge conversations, each think
+    setting) and of the Go-semantics templates (printing, json, printf, bytes, ranges, variables, errors)."""
+    ref = reference()
+    renders = errors = 0
+    for name, t in ref["templates"].items():
+        for c in t["cases"]:
+            conv = ref["conversations"][c["conversation"]]
+            assert [ollama_message(m) for m in conv["messages"]] == conv["ollama_messages"]
+            assert c["error"] == ""
+            got = render(t["template"], conv["ollama_messages"], conv["tools"], c["think"], today=fixture_date())
+            assert got == c["output"], (name, c["conversation"], c["think"])
+            renders += 1
+    for s in ref["go_semantics"]:
+        for c in s["cases"]:
+            if c["error"]:
+                errors += 1
+                with pytest.raises(GoTemplateError):
+                    render(s["template"], c["messages"], c.get("tools"), c["think"], today=fixture_date())
+            else:
+                assert render(s["template"], c["messages"], c.get("tools"), c["think"], today=fixture_date()) == \
+                    c["output"], s["template"]
+                renders += 1
+    assert (renders, errors) == (816 + 13, 9)
+
+
+def test_reference_renders_are_current():
+    """The fixture holds today's TEMPLATE of every built-in template and today's probe conversations (if this fails,
+    run fixtures/ollama/make_reference.py as its docstring says)."""
+    ref = reference()
+    assert sorted(ref["templates"]) == sorted(library()) == builtin_template_names()
+    for name, t in ref["templates"].items():
+        assert library()[name].text(t["special_tokens"]) == t["template"], f"templates/ollama/{name}.gotmpl changed"
+        want = [(p.name.split(" think=")[0], p.think) for p in probes(load_template(name).source)]
+        got = [(c["conversation"], c["think"]) for c in t["cases"] if not c["conversation"].startswith("edge:")]
+        assert got == want, name
+
+
+# (plain, from tool-call conversations, from reasoning conversations) serving prompts rendered identically, and the
+# prompts the training template itself refuses (a system message for Mistral, roles that do not alternate ...).
+OLLAMA_EQUAL = {
+    "alpaca": (17, 4, 3, 4), "chatml": (17, 8, 3, 0), "deepseek_r1": (17, 8, 3, 0), "deepseek_v3": (17, 8, 3, 0),
+    "gemma": (17, 4, 3, 4), "gpt_oss": (51, 24, 9, 0), "llama2": (17, 4, 3, 4), "llama3": (17, 7, 3, 1),
+    "llama3_0": (17, 8, 3, 0), "mistral": (14, 4, 1, 9), "mistral_v3": (17, 8, 3, 0), "phi3": (17, 8, 3, 0),
+    "qwen3": (68, 32, 12, 0), "qwen3_5": (68, 32, 12, 0), "qwq": (17, 8, 3, 0), "zephyr": (17, 8, 3, 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OLLAMA_EQUAL))
+def test_ollama_template_renders_like_the_training_template(name):
+    """Every serving prompt of the verify suite (think settings included where the template reads them): the Jinja
+    template with the generation prompt (BOS aside) == sftdata's evaluator on the TEMPLATE == Ollama's own render."""
+    t = reference()["templates"][name]
+    jinja = ChatTemplate(name, load_template(name).source, t["special_tokens"])
+    results = compare(library()[name].text(t["special_tokens"]), jinja, probes(jinja.source), today=fixture_date())
+    ollama = {(c["conversation"], c["think"]): c["output"] for c in t["cases"]}
+    counts = {"plain": 0, "tools": 0, "reasoning": 0}
+    refused = 0
+    for r in results:
+        if r.jinja is None:
+            refused += 1
+            continue
+        assert r.ollama == r.jinja, r.probe.name
+        assert ollama[(r.probe.name.split(" think=")[0], r.probe.think)] == r.jinja, r.probe.name
+        counts[r.probe.feature] += 1
+    assert (*counts.values(), refused) == OLLAMA_EQUAL[name]
+
+
+# Edge conversations Ollama serves differently from the training render, and why (none other differs):
+# Ollama merges consecutive messages of one role before the template runs; Go's JSON encoder writes <, >, & as
+# \u003c...; Go templates trim ASCII whitespace only; Ollama hands tool-call arguments over as a Go map (sorted keys).
+OLLAMA_DIFFERS = {
+    "consecutive-user-messages": {"alpaca", "chatml", "deepseek_r1", "deepseek_v3", "gpt_oss", "llama3", "llama3_0",
+                                  "phi3", "qwen3", "qwen3_5", "qwq", "zephyr"},
+    "html-characters": {"deepseek_r1", "deepseek_v3", "gpt_oss", "llama3", "mistral_v3", "qwen3", "qwq"},
+    "unicode-whitespace": {"gemma", "llama2", "llama3", "llama3_0", "qwen3_5"},
+    "unsorted-arguments": {"deepseek_r1", "deepseek_v3", "gpt_oss", "llama3", "mistral_v3", "qwen3", "qwen3_5", "qwq"},
+}
+
+
+def test_where_ollama_serves_a_conversation_differently():
+    ref = reference()
+    differs: dict[str, set[str]] = {}
+    equal = 0
+    for name, t in ref["templates"].items():
+        jinja = ChatTemplate(name, load_template(name).source, t["special_tokens"])
+        as_string, as_none = tool_call_form(jinja)
+        bos = t["special_tokens"].get("bos_token", "")
+        for c in t["cases"]:
+            if not c["conversation"].startswith("edge:"):
+                continue
+            conv = ref["conversations"][c["conversation"]]
+            messages = [_tool_call_message(m, as_string, as_none) if m.get("tool_calls") else m
+                        for m in conv["messages"]]
+            try:
+                want = jinja.render(messages, add_generation_prompt=True, tools=conv["tools"],
+                                    strftime_now=fixture_date().strftime)
+            except Exception:
+                continue  # the training template refuses it
+            if want.removeprefix(bos) == c["output"]:
+                equal += 1
+            else:
+                differs.setdefault(c["conversation"].removeprefix("edge:"), set()).add(name)
+    assert differs == OLLAMA_DIFFERS
+    assert equal == 86  # whitespace trimmed, newlines stripped, nested arguments, a second system message ...
+
+
+def test_what_ollama_infers_from_the_templates():
+    """Thinking tags (Ollama accepts `think` and returns the reasoning apart), the tool-call tag its parser looks for,
+    and the tools capability, as Ollama's own code infers them from each TEMPLATE."""
+    t = reference()["templates"]
+    think = ["<think>", "</think>"]
+    assert {n: v["thinking_tags"] for n, v in t.items() if v["thinking_tags"] != ["", ""]} == {
+        "deepseek_r1": think, "qwen3": think, "qwen3_5": think, "qwq": think,
+        "gpt_oss": ["<|start|>assistant<|channel|>analysis<|message|>", "<|end|>"]}
+    assert {n for n, v in t.items() if "tools" in v["vars"]} == {"gpt_oss", "llama3", "mistral_v3", "qwen3", "qwen3_5",
+                                                                  "qwq"}
+    assert {n: v["tool_call_tag"] for n, v in t.items() if v["tool_call_tag"] != "{"} == {
+        "mistral_v3": "[TOOL_CALLS] [", "qwen3": "<tool_call>", "qwen3_5": "<tool_call>\n<function=", "qwq": "<tool_call>"}
+
+
+@pytest.mark.parametrize("name", sorted(OLLAMA_EQUAL))
+def test_choose_template_picks_the_builtins_own_go_template(name):
+    special = reference()["templates"][name]["special_tokens"]
+    choice = choose_template(load_template(name).source, special)
+    assert (choice.name, choice.equivalent, tuple(choice.equal.values())) == (name, True, OLLAMA_EQUAL[name][:3])
+    assert choice.text == reference()["templates"][name]["template"]
+
+
+def test_choose_template_follows_what_the_template_renders():
+    """A tokenizer's own template (no sftdata comment) gets the Go template of what it renders; a ChatML variant that
+    renders tool calls its own way gets the ChatML TEMPLATE with a warning; a template nothing renders like gets
+    none."""
+    llama3 = tf.load_tokenizer("llama3_1")  # its chat_template is the Llama-3.0 text
+    assert choose_template(llama3.chat_template, special_token_variables(llama3)).name == "llama3_0"
+    variant = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}{% if m.tool_calls %}CALL{% endif %}"
+               "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    choice = choose_template(variant, {"eos_token": "<|im_end|>"})
+    assert (choice.name, choice.equivalent, choice.equal, choice.differ) == (
+        "chatml", False, {"plain": 17, "tools": 4, "reasoning": 3}, {"plain": 0, "tools": 4, "reasoning": 0})
+    assert "it DIFFERS on 4 from tool-call conversations: such conversations are not served as they were trained" in \
+        modelfile_comments(modelfile("m.gguf", choice, ["<|im_end|>"]))
+    assert choose_template("{{ messages[0]['content'] }}{{ '###' }}", {}) is None
+    # a template that writes BOS for a tokenizer (so a GGUF) that does not add one: the Go templates leave it out
+    llama3_tokens = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+    assert choose_template(load_template("llama3_0").source, llama3_tokens, adds_bos=False) is None
+    assert choose_template(load_template("llama3_0").source, llama3_tokens).name == "llama3_0"
+    assert choose_template(None, {}) is None
+    with pytest.raises(KeyError, match="needs eos_token"):
+        library()["zephyr"].text({"bos_token": "<s>"})
+
+
+def test_modelfile_text():
+    choice = choose_template(load_template("chatml").source, {"eos_token": "<|im_end|>"})
+    lines = modelfile("m-q4_k_m.gguf", choice, ["<|im_end|>", "<|endoftext|>"], "chatml").splitlines()
+    assert lines[0] == "FROM ./m-q4_k_m.gguf"
+    at = lines.index('TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}')
+    assert all(line.startswith("# ") for line in lines[1:at])
+    assert " ".join(line[2:] for line in lines[1:at]).startswith(
+        "TEMPLATE: the Go template for the built-in `chatml` template (templates/ollama/chatml.gotmpl), rendered by "
+        "sftdata's Go-template evaluator as Ollama renders it: identical to the training template (BOS aside) on 28 "
+        "serving prompts of sftdata's verify suite (17 plain, 8 from tool-call conversations, 3 from reasoning "
+        "conversations). ChatML:")
+    assert lines[at:] == ['TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}', "{{ .Content }}<|im_end|>",
+                          '{{ end }}{{ "<|im_start|>assistant\\n" }}"""', 'PARAMETER stop "<|im_end|>"',
+                          'PARAMETER stop "<|endoftext|>"']
+    kwargs = modelfile("m.gguf", choice, [], "chatml", {"enable_thinking": False, "date_string": "1 Jan 2025"})
+    assert 'The build passed the template keywords {"date_string": "1 Jan 2025"}: an Ollama request cannot pass ' \
+           "them, so this TEMPLATE renders the template's defaults." in modelfile_comments(kwargs)
+    quoted = modelfile("m.gguf", OllamaChoice("chatml", 'x"""y', "", True), [])
+    assert 'TEMPLATE """' not in quoted and "which a Modelfile cannot quote" in modelfile_comments(quoted)
+
+
+@pytest.mark.parametrize("tokenizer,template,stops", [
+    ("qwen3", "qwen3", ["<|im_end|>"]), ("llama3_1", "llama3", ["<|eot_id|>"]), ("gpt-oss", "gpt_oss", ["<|return|>"]),
+    ("mistral-7b-v0.1", "mistral", ["</s>"])])
+def test_modelfile_stop_lines_are_the_end_of_turn_markers(tokenizer, template, stops):
+    """With a real tokenizer: one PARAMETER stop per end-of-turn token, and the TEMPLATE chosen for its template."""
+    tok = tf.load_tokenizer(tokenizer)
+    tpl = load_template(template, tok)
+    markers = tok.convert_ids_to_tokens(generation_eos_ids({"template": {"end_of_turn": tpl.end_of_turn}}, tok))
+    choice = choose_template(tpl.source, special_token_variables(tok), prefer=template)
+    text = modelfile("m.gguf", choice, markers, template)
+    assert markers == stops and tpl.end_of_turn == stops[0]
+    assert [line for line in text.splitlines() if line.startswith("PARAMETER")] == [f'PARAMETER stop "{s}"'
+                                                                                    for s in stops]
+    assert choice.name == template and choice.equivalent
+
+
+def test_go_template_errors():
+    with pytest.raises(GoTemplateError, match="unclosed action"):
+        GoTemplate("{{ .Messages ")
+    with pytest.raises(GoTemplateError, match='function "upper" not defined'):
+        GoTemplate("{{ upper .Content }}")
+    with pytest.raises(GoTemplateError, match='no such template "trim"'):
+        GoTemplate('{{ template "trim" . }}')
+    with pytest.raises(GoTemplateError, match="legacy path"):
+        render("{{ .Prompt }}", [{"role": "user", "content": "Hi"}])
+    with pytest.raises(GoTemplateError, match="step budget"):
+        GoTemplate("{{ range $i := 100 }}{{ range $j := 100 }}x{{ end }}{{ end }}", max_steps=1000).execute({})
