@@ -8,8 +8,20 @@
 
 Peak RSS of a streaming build is measured in a child process for growing inputs.
 
+Build throughput per corpus (`build()` in a fresh process per run, timed around the call only: interpreter start-up and
+imports excluded (transformers too), tokenizer loading and the preflight included), rounds alternating between trees, median of the rounds:
+
+* plain chat — the real Alpaca-like corpora (CodeAlpaca, GPTeacher codegen/roleplay/toolformer), ShareGPT multi-turn
+  (FastChat's dummy conversations, repeated 10x) and GSM8K (a column map), under chatml and qwen3; with
+  ``--baseline-tree`` the same builds also run on another checkout of sftdata (e.g. a ``git worktree`` of an older
+  commit), which must write the same number of rows and tokens, and the ratio new/old is printed;
+* tool calls — a generated, seeded agent corpus (``bench/corpora.py``: tools, single and parallel tool calls, tool
+  results, reasoning, multi-turn) under qwen3, this tree only.
+
     python bench/bench_build.py                   # qwen3 + chatml on the real corpora in ../shared/data
     python bench/bench_build.py --tokenizer ../shared/tokenizers/mistral-7b-v0.1 --template llama2
+    git worktree add --detach /tmp/oldtree c92ba78
+    python bench/bench_build.py --baseline-tree /tmp/oldtree --no-ceiling   # plain chat: this tree vs c92ba78
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +41,129 @@ SHARED = REPO.parent / "shared"
 CORPORA = [("codealpaca.json", None), ("gpteacher_codegen.json", None), ("gpteacher_roleplay.json", None),
            ("gpteacher_toolformer.json", None), ("sharegpt_dummy.json", None),
            ("gsm8k_train.jsonl", "instruction=question,output=answer")]
+
+
+# (label, files under ../shared/data, column map, copies of the files' rows)
+PLAIN_CHAT = [("alpaca-like (CodeAlpaca + GPTeacher x3)", ["codealpaca.json", "gpteacher_codegen.json",
+                                                           "gpteacher_roleplay.json", "gpteacher_toolformer.json"], None, 1),
+              ("ShareGPT multi-turn (FastChat dummy x10)", ["sharegpt_dummy.json"], None, 10),
+              ("GSM8K train (column map)", ["gsm8k_train.jsonl"], "instruction=question,output=answer", 1)]
+
+# Runs in a fresh interpreter whose PYTHONPATH is the tree under test (`python -P`: neither the working directory nor
+# a script directory shadows it). Prints one JSON line.
+_CHILD = r"""
+import json, sys, time
+spec = json.loads(sys.argv[1])
+import sftdata
+from sftdata.build import build
+import transformers  # library import, the same for every tree: not timed (load_tokenizer would import it lazily)
+transformers.AutoTokenizer
+assert sftdata.__file__.startswith(spec["tree"]), (sftdata.__file__, spec["tree"])
+options = dict(spec["options"])
+try:
+    from sftdata.recipe import Recipe  # trees with recipes shuffle by default: keep input order, as older trees write
+    options["shuffle"] = False
+except ImportError:
+    pass
+started = time.perf_counter()
+build(spec["inputs"], output=spec["output"], force=True, **options)
+seconds = time.perf_counter() - started
+manifest = json.load(open(spec["output"] + "/manifest.json"))
+counts = manifest["counts"]
+print(json.dumps({"seconds": seconds, "setup": manifest.get("seconds_setup"), "rows": counts["rows_kept"],
+                  "examples": counts.get("examples", counts["rows_kept"]), "tokens": manifest["tokens"]["total"]}))
+"""
+
+
+def timed_build(tree: str, inputs: list[str], options: dict, workdir: str) -> dict:
+    """One build of ``inputs`` by the sftdata at ``tree``, in a fresh process; seconds of the ``build()`` call only."""
+    output = tempfile.mkdtemp(dir=workdir)
+    spec = {"tree": str(Path(tree).resolve()), "inputs": inputs, "output": output, "options": options}
+    env = {**os.environ, "PYTHONPATH": spec["tree"]}
+    done = subprocess.run([sys.executable, "-P", "-c", _CHILD, json.dumps(spec)], capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"build with {tree} failed:\n{done.stderr[-3000:]}")
+    subprocess.run(["rm", "-rf", output], check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compare_trees(trees: list[tuple[str, str]], corpora: list[tuple[str, list[str], dict]], rounds: int) -> list[dict]:
+    """Median over ``rounds`` of each corpus built by each tree; within a round the trees alternate."""
+    results = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for label, inputs, options in corpora:
+            runs: dict[str, list[dict]] = {name: [] for name, _ in trees}
+            for r in range(rounds):
+                for name, tree in (trees if r % 2 == 0 else trees[::-1]):
+                    runs[name].append(timed_build(tree, inputs, options, workdir))
+            row = {"corpus": label, "template": options["template"]}
+            for name, _ in trees:
+                first = runs[name][0]
+                if any((x["rows"], x["tokens"]) != (first["rows"], first["tokens"]) for x in runs[name]):
+                    raise RuntimeError(f"{name} built different data across rounds on {label}")
+                row[name] = {**first, "seconds": statistics.median(x["seconds"] for x in runs[name]),
+                             "setup": statistics.median(x["setup"] for x in runs[name]),
+                             "all_seconds": [round(x["seconds"], 3) for x in runs[name]]}
+            if len(trees) == 2:
+                new, old = row[trees[0][0]], row[trees[1][0]]
+                if (new["rows"], new["tokens"]) != (old["rows"], old["tokens"]):
+                    raise RuntimeError(f"the trees did different work on {label}: {old} vs {new}")
+            results.append(row)
+    return results
+
+
+def print_comparison(results: list[dict], names: list[str]) -> None:
+    head = f"{'corpus':42} {'template':8} {'rows':>7} {'tokens':>10}"
+    for name in names:
+        head += f" {name + ' rows/s':>13} {name + ' tok/s':>13}"
+    if len(names) == 2:
+        head += f" {'new/old':>8}"
+    print(head)
+    for row in results:
+        first = row[names[0]]
+        line = f"{row['corpus']:42} {row['template']:8} {first['rows']:7,} {first['tokens']:10,}"
+        for name in names:
+            line += f" {row[name]['rows'] / row[name]['seconds']:13,.0f} {row[name]['tokens'] / row[name]['seconds']:13,.0f}"
+        if len(names) == 2:
+            line += f" {row[names[1]]['seconds'] / row[names[0]]['seconds']:8.2f}"
+        print(line)
+
+
+def throughput_per_corpus(args) -> dict:
+    """Plain chat (this tree, and the baseline tree when given) and the generated tool-call corpus (this tree)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from corpora import tool_call_conversations, write_jsonl
+
+    trees = [("new", str(REPO))] + ([("old", args.baseline_tree)] if args.baseline_tree else [])
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        corpora = []
+        for label, files, columns, copies in PLAIN_CHAT:
+            inputs = [str(SHARED / "data" / f) for f in files]
+            if copies > 1:
+                rows = [row for f in inputs for row in json.loads(Path(f).read_text(encoding="utf-8"))]
+                repeated = Path(tmp) / f"{Path(files[0]).stem}_x{copies}.json"
+                repeated.write_text(json.dumps(rows * copies, ensure_ascii=False), encoding="utf-8")
+                inputs = [str(repeated)]
+            for template in args.plain_templates:
+                corpora.append((label, inputs, {"template": template, "tokenizer": args.tokenizer, "columns": columns}))
+        print(f"\nplain chat, build() per corpus, median of {args.rounds} rounds (trees alternate), "
+              f"tokenizer {Path(args.tokenizer).name}; 'new' = {REPO}" + (f", 'old' = {args.baseline_tree}" if
+                                                                        args.baseline_tree else "") + ":")
+        plain = compare_trees(trees, corpora, args.rounds)
+        print_comparison(plain, [name for name, _ in trees])
+        out["plain"] = plain
+        if args.tool_rows:
+            path = write_jsonl(Path(tmp) / "tool_calls.jsonl", tool_call_conversations(args.tool_rows, seed=0))
+            print(f"\ntool calls (bench/corpora.py, {args.tool_rows:,} rows, seed 0), qwen3 template, this tree only "
+                  f"(the baseline cannot build tool calls):")
+            tools = compare_trees([("new", str(REPO))], [("agent: tools, parallel calls, reasoning", [str(path)],
+                                                           {"template": "qwen3", "tokenizer": args.tokenizer})], args.rounds)
+            print_comparison(tools, ["new"])
+            print(f"  ({tools[0]['new']['examples']:,} examples: turns the qwen3 template renders differently in "
+                  "history are split into their own example)")
+            out["tool_calls"] = tools
+    return out
 
 
 def best_of(fn, repeat: int) -> float:
@@ -83,7 +219,19 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-trl", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--no-ceiling", action="store_true",
+                        help="skip the in-process section (ceiling, encoder, build, TRL, peak RSS)")
+    parser.add_argument("--baseline-tree", metavar="DIR",
+                        help="another sftdata checkout (repository root) to build the plain-chat corpora with, side by side")
+    parser.add_argument("--rounds", type=int, default=3, help="per-corpus builds per tree (median) [3]")
+    parser.add_argument("--plain-templates", nargs="+", default=["chatml", "qwen3"])
+    parser.add_argument("--tool-rows", type=int, default=1000, help="rows of the tool-call corpus (0: skip it) [1000]")
     args = parser.parse_args()
+
+    per_corpus = throughput_per_corpus(args)
+    if args.no_ceiling:
+        print(json.dumps(per_corpus))
+        return
 
     from sftdata.build import build
     from sftdata.ingest import read_records
@@ -141,7 +289,7 @@ def main() -> None:
     print(json.dumps({"ceiling_s": ceiling, "encode_s": encode, "build_s": end_to_end, "trl_s": trl,
                       "encode_x_ceiling": ceiling / encode, "build_x_ceiling": ceiling / end_to_end,
                       "build_pool_x_ceiling": ceiling / end_to_end_pool,
-                      "trl_x_ceiling": (ceiling / trl) if trl else None}))
+                      "trl_x_ceiling": (ceiling / trl) if trl else None, **per_corpus}))
 
 
 if __name__ == "__main__":
