@@ -21,7 +21,7 @@ probe conversations under ``fail``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from sftdata.record import Message, Record
@@ -47,8 +47,7 @@ def history_mismatch(encoder: Encoder) -> str | None:
 
     Encodes the probe conversations under ``history_policy="fail"``; conversations the template refuses are ignored.
     """
-    strict = Encoder(encoder.template, encoder.tokenizer, replace(encoder.options, history_policy="fail",
-                                                                  special_text="escape"))
+    strict = encoder.with_options(history_policy="fail", special_text="escape")
     found = []
     for name, messages in PROBES:
         _, problems = strict.encode_batch([Record("history-probe", 1, list(messages))])

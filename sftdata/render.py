@@ -28,13 +28,14 @@ makes the row a :class:`Problem` with the reason; it is never trained silently.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import re
 import unicodedata
 from bisect import bisect_left
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sftdata.record import DataError, Problem, Record
@@ -110,7 +111,7 @@ class Encoded:
 
     @property
     def num_trained(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
 
 @dataclass(slots=True)
@@ -166,16 +167,27 @@ class Encoder:
         self._absorbing = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()
                            if getattr(t, "lstrip", False) or getattr(t, "rstrip", False)}
         self.tool_call_form = tool_call_form(template)
-        self._fixed_kwargs: dict[str, Any] = {}
-        if self.options.template_date and "strftime_now" in template.source:
-            day = datetime.date.fromisoformat(self.options.template_date)
-            self._fixed_kwargs["strftime_now"] = day.strftime  # shadows the global: the render no longer depends on today
+        self._fixed_kwargs = self._date_kwargs()
         self.header = trailing_header(template, self.added)
         self.end_of_turn = _strip_suffix(template.end_of_turn, self.header.strip()).rstrip() if self.header else template.end_of_turn
         control = self.added | text_markers(template)
         self.assistant_markup = assistant_markup(template, self.added, self.header)
         self._control_re = _alternation(control)
         self._assistant_control_re = _alternation(control - self.assistant_markup)
+
+    def _date_kwargs(self) -> dict[str, Any]:
+        if self.options.template_date and "strftime_now" in self.template.source:
+            day = datetime.date.fromisoformat(self.options.template_date)
+            return {"strftime_now": day.strftime}  # shadows the global: the render no longer depends on today
+        return {}
+
+    def with_options(self, **changes: Any) -> Encoder:
+        """This encoder with some options changed; what it read from the template's probe renders (markers, header,
+        tool-call form), which depends only on the template and tokenizer, is shared instead of probed again."""
+        other = copy.copy(self)
+        other.options = replace(self.options, **changes)
+        other._fixed_kwargs = other._date_kwargs()
+        return other
 
     # -- content policy -----------------------------------------------------------------------------------------
 
@@ -568,8 +580,8 @@ class Encoder:
             counts = plan.counts + self._turn_counts(plan.record, kept)
             kinds = self._token_kinds(plan.segments, starts, len(ids))
             for s, e in spans:
-                for kind in kinds[s:e]:
-                    counts[f"trained_tokens_{KINDS[kind]}"] += 1
+                for kind, n in Counter(kinds[s:e]).items():
+                    counts[f"trained_tokens_{KINDS[kind]}"] += n
             out.append(Encoded(plan.record.source, plan.record.row, list(ids), labels, spans, counts=counts,
                                turns=[t.message for t in kept], messages=plan.messages, kinds=kinds))
         return out + apart
@@ -590,8 +602,8 @@ class Encoder:
         kinds = (self._token_kinds(plan.segments, [o[0] for o in prompt_enc.offsets], len(prompt_ids))
                  + self._token_kinds(plan.segments, [o[0] for o in completion_enc.offsets], len(completion_ids),
                                      offset=turn.prompt_end))
-        for kind in kinds[len(prompt_ids):]:
-            counts[f"trained_tokens_{KINDS[kind]}"] += 1
+        for kind, n in Counter(kinds[len(prompt_ids):]).items():
+            counts[f"trained_tokens_{KINDS[kind]}"] += n
         return Encoded(plan.record.source, plan.record.row, ids, labels, [(len(prompt_ids), len(ids))],
                        tokenized_apart=True, counts=counts, turns=[turn.message], messages=turn.message + 1, kinds=kinds)
 
@@ -870,6 +882,9 @@ def _common_prefix(a: str, b: str) -> int:
 def _content_pieces(content: str) -> list[str]:
     """The parts of an assistant content that must appear in its trained text: the whole content, or, when it holds an
     inline reasoning block (``<think>...</think>``) that the template lays out itself, the reasoning and the answer."""
+    if "think>" not in content:  # the common case, without the regex
+        stripped = content.strip()
+        return [stripped] if stripped else []
     return [p.strip() for p in re.split(r"</?think>", content) if p.strip()]
 
 

@@ -93,9 +93,21 @@ def _compile(source: str, state: _BudgetState):
 
     environment = _cached_compile_jinja_template(source).environment
     environment.intercepted_binops = frozenset({"+", "*"})
-    environment.call_binop = lambda context, op, left, right: state.check_size(environment.binop_table[op](left, right))
+    binop_table, sized = environment.binop_table, (str, list)
+
+    def call_binop(context: Any, op: str, left: Any, right: Any) -> Any:
+        value = binop_table[op](left, right)
+        if isinstance(value, sized) and len(value) > state.budget.chars:
+            state.check_size(value)  # raises
+        return value
+
+    environment.call_binop = call_binop
     environment.globals["range"] = lambda *args: _CountingRange(state, safe_range(*args))
-    return environment.from_string(source)
+    template = environment.from_string(source)
+    # Jinja hands every render a ChainMap of template and environment globals, copied key by key through Python-level
+    # ChainMap methods twice per render; one flat dict of the same globals (fixed from here on) renders the same, faster.
+    template.globals = dict(template.globals)
+    return template
 
 
 @dataclass

@@ -253,7 +253,7 @@ def text_diff(a: str, b: str, label_a: str = "expected", label_b: str = "got", c
 
 def _escaped(encoder: Encoder, case: Case) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """The case's messages and tools as the template receives them under ``--special-text escape``."""
-    escaping = Encoder(encoder.template, encoder.tokenizer, replace(encoder.options, special_text="escape"))
+    escaping = encoder.with_options(special_text="escape")
     messages, tools, _ = escaping.template_input(case.record())
     return messages, tools
 
@@ -458,7 +458,7 @@ def _fidelity(template: ChatTemplate, tokenizer: Any, suite: tuple[Case, ...]) -
 
 def _encode_case(encoder: Encoder, case: Case) -> tuple[list[Any], Refused | None]:
     """Encode one suite case (control-token text escaped); the examples, or the reason it was refused."""
-    escaping = Encoder(encoder.template, encoder.tokenizer, replace(encoder.options, special_text="escape"))
+    escaping = encoder.with_options(special_text="escape")
     examples, problems = escaping.encode_batch([case.record()])
     if problems:
         return [], Refused(problems[0].kind, problems[0].detail)
