@@ -14,7 +14,7 @@ imports excluded (transformers too), tokenizer loading and the preflight include
 * plain chat — the real Alpaca-like corpora (CodeAlpaca, GPTeacher codegen/roleplay/toolformer), ShareGPT multi-turn
   (FastChat's dummy conversations, repeated 10x) and GSM8K (a column map), under chatml and qwen3; with
   ``--baseline-tree`` the same builds also run on another checkout of sftdata (e.g. a ``git worktree`` of an older
-  commit), which must write the same number of rows and tokens, and the ratio new/old is printed;
+  commit), which must read the same rows and write the same examples and tokens, and the ratio new/old is printed;
 * tool calls — a generated, seeded agent corpus (``bench/corpora.py``: tools, single and parallel tool calls, tool
   results, reasoning, multi-turn) under qwen3, this tree only.
 
@@ -65,12 +65,13 @@ try:
     options["shuffle"] = False
 except ImportError:
     pass
-started = time.perf_counter()
+started, cpu_started = time.perf_counter(), time.process_time()
 build(spec["inputs"], output=spec["output"], force=True, **options)
-seconds = time.perf_counter() - started
+seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
 manifest = json.load(open(spec["output"] + "/manifest.json"))
 counts = manifest["counts"]
-print(json.dumps({"seconds": seconds, "setup": manifest.get("seconds_setup"), "rows": counts["rows_kept"],
+# rows read; examples written (older trees counted those as rows_kept)
+print(json.dumps({"seconds": seconds, "cpu": cpu, "setup": manifest.get("seconds_setup"), "rows": counts["rows_read"],
                   "examples": counts.get("examples", counts["rows_kept"]), "tokens": manifest["tokens"]["total"]}))
 """
 
@@ -99,34 +100,40 @@ def compare_trees(trees: list[tuple[str, str]], corpora: list[tuple[str, list[st
             row = {"corpus": label, "template": options["template"]}
             for name, _ in trees:
                 first = runs[name][0]
-                if any((x["rows"], x["tokens"]) != (first["rows"], first["tokens"]) for x in runs[name]):
+                if any((x["rows"], x["examples"], x["tokens"]) != (first["rows"], first["examples"], first["tokens"])
+                       for x in runs[name]):
                     raise RuntimeError(f"{name} built different data across rounds on {label}")
                 row[name] = {**first, "seconds": statistics.median(x["seconds"] for x in runs[name]),
+                             "cpu": statistics.median(x["cpu"] for x in runs[name]),
                              "setup": statistics.median(x["setup"] for x in runs[name]),
-                             "all_seconds": [round(x["seconds"], 3) for x in runs[name]]}
+                             "all_seconds": [round(x["seconds"], 3) for x in runs[name]],
+                             "all_cpu": [round(x["cpu"], 3) for x in runs[name]]}
             if len(trees) == 2:
                 new, old = row[trees[0][0]], row[trees[1][0]]
-                if (new["rows"], new["tokens"]) != (old["rows"], old["tokens"]):
+                if (new["rows"], new["examples"], new["tokens"]) != (old["rows"], old["examples"], old["tokens"]):
                     raise RuntimeError(f"the trees did different work on {label}: {old} vs {new}")
             results.append(row)
     return results
 
 
 def print_comparison(results: list[dict], names: list[str]) -> None:
-    head = f"{'corpus':42} {'template':8} {'rows':>7} {'tokens':>10}"
+    """rows/s and tokens/s of each tree (wall clock); with two trees, new/old of throughput by wall clock and by CPU
+    seconds (all threads; steadier than wall clock when other work shares the machine)."""
+    head = f"{'corpus':42} {'template':8} {'rows':>7} {'examples':>8} {'tokens':>10}"
     for name in names:
         head += f" {name + ' rows/s':>13} {name + ' tok/s':>13}"
     if len(names) == 2:
-        head += f" {'new/old':>8}"
+        head += f" {'new/old':>8} {'(CPU)':>6}"
     print(head)
     for row in results:
         first = row[names[0]]
-        line = f"{row['corpus']:42} {row['template']:8} {first['rows']:7,} {first['tokens']:10,}"
+        line = f"{row['corpus']:42} {row['template']:8} {first['rows']:7,} {first['examples']:8,} {first['tokens']:10,}"
         for name in names:
             line += f" {row[name]['rows'] / row[name]['seconds']:13,.0f} {row[name]['tokens'] / row[name]['seconds']:13,.0f}"
         if len(names) == 2:
-            line += f" {row[names[1]]['seconds'] / row[names[0]]['seconds']:8.2f}"
-        print(line)
+            new, old = row[names[0]], row[names[1]]
+            line += f" {old['seconds'] / new['seconds']:8.2f} {old['cpu'] / new['cpu']:6.2f}"
+        print(line, flush=True)
 
 
 def throughput_per_corpus(args) -> dict:

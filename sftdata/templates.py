@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -103,11 +103,20 @@ def _compile(source: str, state: _BudgetState):
 
     environment.call_binop = call_binop
     environment.globals["range"] = lambda *args: _CountingRange(state, safe_range(*args))
-    template = environment.from_string(source)
+    # environment.from_string(source), with the Jinja compile (parse, codegen, Python compile) done once per source
+    template = environment.template_class.from_code(environment, _jinja_code(source, environment),
+                                                   environment.make_globals(None), None)
     # Jinja hands every render a ChainMap of template and environment globals, copied key by key through Python-level
     # ChainMap methods twice per render; one flat dict of the same globals (fixed from here on) renders the same, faster.
     template.globals = dict(template.globals)
     return template
+
+
+@lru_cache(maxsize=64)
+def _jinja_code(source: str, environment: Any) -> Any:
+    # Every ChatTemplate of one source shares transformers' cached environment, already set to intercept + and *
+    # (which the generated code depends on), so the compiled code is the same for all of them.
+    return environment.compile(source)
 
 
 @dataclass

@@ -748,16 +748,19 @@ def _rules_seen(template: ChatTemplate):
 # -- entry points ---------------------------------------------------------------------------------------------------
 
 def verify(tokenizer: Any, template: ChatTemplate | str = "tokenizer", *, history_policy: str | None = None,
-           options: EncodeOptions | None = None, suite: tuple[Case, ...] = SUITE) -> VerifyReport:
+           options: EncodeOptions | None = None, suite: tuple[Case, ...] = SUITE,
+           encoder: Encoder | None = None) -> VerifyReport:
     """Run every check for ``template`` (a :class:`ChatTemplate`, a built-in name, a ``.jinja`` path or
     ``"tokenizer"``) on ``tokenizer``. ``options`` are the build's encode options (``special_text``, ``train_turns``,
-    ``history_policy``, ``tokenization``); ``history_policy`` overrides the one in ``options``."""
+    ``history_policy``, ``tokenization``); ``history_policy`` overrides the one in ``options``. ``encoder``: an encoder
+    of this template, tokenizer and options to check with (instead of making one)."""
     if isinstance(template, str):
         template = load_template(template, tokenizer)
     options = options or EncodeOptions()
     if history_policy is not None:
         options = replace(options, history_policy=history_policy)
-    encoder = Encoder(template, tokenizer, options)
+    if encoder is None or (encoder.template, encoder.tokenizer, encoder.options) != (template, tokenizer, options):
+        encoder = Encoder(template, tokenizer, options)
     decision = plan_history_policy(encoder)
     checks = [_fidelity(template, tokenizer, suite), _serving_prefix(encoder, suite, "template", True)]
     own = _tokenizer_template(tokenizer)
@@ -777,4 +780,4 @@ def preflight(encoder: Encoder) -> VerifyReport:
     """The checks ``build`` runs once at start, with the build's encoder (its template, tokenizer and options). Refuse
     when ``not report.invariant_ok`` (print ``report.format_text()``) unless overridden; warn when
     ``report.differs_from_tokenizer``; record ``report.manifest_entry()`` in the manifest."""
-    return verify(encoder.tokenizer, encoder.template, options=encoder.options)
+    return verify(encoder.tokenizer, encoder.template, options=encoder.options, encoder=encoder)
