@@ -51,6 +51,7 @@ class _BudgetState:
     def __init__(self) -> None:
         self.deadline = float("inf")
         self.budget = RenderBudget()
+        self.chars = self.budget.chars
         self.iterations = 0
 
     def tick(self) -> None:
@@ -93,11 +94,12 @@ def _compile(source: str, state: _BudgetState):
 
     environment = _cached_compile_jinja_template(source).environment
     environment.intercepted_binops = frozenset({"+", "*"})
-    binop_table, sized = environment.binop_table, (str, list)
+    sized = (str, list)
 
     def call_binop(context: Any, op: str, left: Any, right: Any) -> Any:
-        value = binop_table[op](left, right)
-        if isinstance(value, sized) and len(value) > state.budget.chars:
+        # the sandbox's binop_table maps exactly these two operators to operator.add and operator.mul
+        value = left + right if op == "+" else left * right
+        if isinstance(value, sized) and len(value) > state.chars:
             state.check_size(value)  # raises
         return value
 
@@ -180,7 +182,7 @@ class ChatTemplate:
         """
         compiled = self._compiled
         state = self._state
-        state.budget, state.iterations = self.budget, 0
+        state.budget, state.chars, state.iterations = self.budget, self.budget.chars, 0
         state.deadline = time.monotonic() + self.budget.seconds
         variables = {**self.special_tokens, **kwargs}
         text = compiled.render(messages=messages, tools=tools, documents=None,

@@ -168,6 +168,8 @@ _MESSAGE_KEYS = {"role", "from", "content", "value", "tool_calls", "function_cal
 _MODALITY_KEYS = ("images", "image", "audio", "audios", "video", "videos")
 _UNSUPPORTED_MESSAGE_KEYS = {"train_detail": "character-level training spans (axolotl train_detail)",
                              "loss_mask": "a token-level loss mask"}
+# Every key parse_message reads besides the role and content keys it is given.
+_READ_KEYS = frozenset(_MESSAGE_KEYS | set(_MODALITY_KEYS) | set(_UNSUPPORTED_MESSAGE_KEYS)) - {"role", "from", "content", "value"}
 
 
 def _json_value(value: Any, what: str, index: int) -> Any:
@@ -309,6 +311,10 @@ def parse_message(m: Any, index: int, *, role_key: str = "role", content_key: st
     if mapped not in ROLES:
         raise RowError("unknown-role", f"message {index}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
     raw_content = m.get(content_key, m.get("content")) if content_key != "content" else m.get("content")
+    if (len(m) == 2 and role_key != content_key and role_key in m and content_key in m and role_key not in _READ_KEYS
+            and content_key not in _READ_KEYS and not (role_map is not None and role.lower() in SHAREGPT_FUNCTION_CALL_ROLES)):
+        # only a role and a content (most messages): none of the checks below can apply
+        return Message(mapped, _content(raw_content, index))
     for key in _MODALITY_KEYS:
         if m.get(key):
             raise RowError("multimodal", f"message {index}: has {key!r}; sftdata trains text only")
