@@ -313,7 +313,7 @@ class Encoder:
         if len(enc.ids) <= self.options.max_length:
             return set()
         cutoff = enc.offsets[self.options.max_length][0]
-        beyond, cursor = set(), 0
+        beyond, cursor, trained_at = set(), 0, set(trained)
         for i, message in enumerate(messages):
             content = (message.get("content") or "").strip()
             at = full.find(content, cursor) if content else -1
@@ -321,7 +321,7 @@ class Encoder:
                 break  # the template rewrites this content: stop locating, keep the remaining turns (exact, slower)
             if at >= 0:
                 cursor = at + len(content)
-            if i + 1 in trained and i + 1 > 0 and cursor >= cutoff and at >= 0:
+            if i + 1 in trained_at and cursor >= cutoff and at >= 0:
                 beyond.add(i + 1)
         return beyond
 
