@@ -250,6 +250,11 @@ class Encoder:
             except TemplateBudgetError as e:
                 raise Refused("template-budget", f"template {self.template.name!r}: {e}") from None
             except Exception as e:  # the template refused the conversation (raise_exception) or failed
+                if "tool" not in self.template.source and any(m["role"] == "tool" or m.get("tool_calls") for m in msgs):
+                    raise Refused("tool-calls-not-rendered",
+                                  f"template {self.template.name!r} has no tool calls or tool results and refuses this "
+                                  f"conversation ({e}); use a template with tools (qwen3, llama3, mistral_v3, gpt_oss, "
+                                  "or the tokenizer's own)") from None
                 raise Refused("template-error", f"template {self.template.name!r} cannot render "
                                                  f"{len(msgs)} message(s) of this conversation: {e}") from None
 

@@ -190,7 +190,7 @@ def test_header_written_after_every_message_is_never_trained():
     ("chatml", Record("t.jsonl", 1, [Message("user", "Hi"), Message("assistant", "Hello.")], tools=ADD),
      "tools-not-rendered"),
     ("llama2", Record("t.jsonl", 1, [Message("user", "2+3?"), Message("assistant", "", tool_calls=[call("add", "c1")]),
-                                     Message("tool", "5"), Message("assistant", "5.")]), "template-error"),
+                                     Message("tool", "5"), Message("assistant", "5.")]), "tool-calls-not-rendered"),
 ])
 def test_fields_a_template_cannot_render_make_the_row_a_problem(template, record, kind):
     tok = shared_tokenizer("llama3_1" if template == "llama3" else "mistral-7b-v0.1" if template == "llama2" else "qwen3")
@@ -471,3 +471,18 @@ def test_reasoning_with_thinking_off_is_refused():
     target = tok.backend_tokenizer.encode("4<|im_end|>", add_special_tokens=False).ids
     assert ex.row == 3 and ex.input_ids[:len(prompt_ids)] == prompt_ids
     assert ex.labels == [IGNORE_INDEX] * len(prompt_ids) + target + [IGNORE_INDEX] * (len(ex.input_ids) - len(prompt_ids) - len(target))
+
+
+def test_a_template_without_tools_that_refuses_tool_roles_says_so():
+    """Mistral v0.1's template raises on any role but user/assistant: for a tool conversation the problem says the
+    template has no tool calls and names templates that do, instead of a bare alternation error."""
+    tok = shared_tokenizer("mistral-7b-v0.1")
+    record = Record("t", 1, [Message("user", "Weather in Oslo?"),
+                             Message("assistant", "", tool_calls=[call("get_weather", "c1", city="Oslo")]),
+                             Message("tool", '{"temperature": 5}', tool_call_id="c1"),
+                             Message("assistant", "It is 5 degrees in Oslo.")], tools=WEATHER)
+    _, examples, problems = encode(tok, "mistral", record)
+    assert examples == [] and [p.kind for p in problems] == ["tool-calls-not-rendered"]
+    assert problems[0].detail.startswith("template 'mistral' has no tool calls or tool results and refuses this "
+                                         "conversation (Conversation roles must alternate")
+    assert "mistral_v3" in problems[0].detail
