@@ -189,6 +189,11 @@ class Encoder:
         other._fixed_kwargs = other._date_kwargs()
         return other
 
+    @property
+    def pinned_variables(self) -> dict[str, Any]:
+        """The template variables every row of this encoder renders with: the pinned date and ``template_kwargs``."""
+        return {**self._fixed_kwargs, **self.options.template_kwargs}
+
     # -- content policy -----------------------------------------------------------------------------------------
 
     def _clean(self, value: Any, pattern: re.Pattern | None, what: str) -> Any:
@@ -257,6 +262,11 @@ class Encoder:
             except TemplateBudgetError as e:
                 raise Refused("template-budget", f"template {self.template.name!r}: {e}") from None
             except Exception as e:  # the template refused the conversation (raise_exception) or failed
+                if "tool" not in self.template.source and any(m["role"] == "tool" or m.get("tool_calls") for m in msgs):
+                    raise Refused("tool-calls-not-rendered",
+                                  f"template {self.template.name!r} has no tool calls or tool results and refuses this "
+                                  f"conversation ({e}); use a template with tools (qwen3, llama3, mistral_v3, gpt_oss, "
+                                  "or the tokenizer's own)") from None
                 raise Refused("template-error", f"template {self.template.name!r} cannot render "
                                                  f"{len(msgs)} message(s) of this conversation: {e}") from None
 
@@ -325,7 +335,7 @@ class Encoder:
         if len(enc.ids) <= self.options.max_length:
             return set()
         cutoff = enc.offsets[self.options.max_length][0]
-        beyond, cursor = set(), 0
+        beyond, cursor, trained_at = set(), 0, set(trained)
         for i, message in enumerate(messages):
             content = (message.get("content") or "").strip()
             at = full.find(content, cursor) if content else -1
@@ -333,7 +343,7 @@ class Encoder:
                 break  # the template rewrites this content: stop locating, keep the remaining turns (exact, slower)
             if at >= 0:
                 cursor = at + len(content)
-            if i + 1 in trained and i + 1 > 0 and cursor >= cutoff and at >= 0:
+            if i + 1 in trained_at and cursor >= cutoff and at >= 0:
                 beyond.add(i + 1)
         return beyond
 
@@ -361,22 +371,34 @@ class Encoder:
                          "neither a context the template renders differently nor a reasoning block the prompt opens")
         j = next((i for i in range(k - 1, -1, -1) if messages[i]["role"] != "assistant"), None)
         content = (messages[j].get("content") or "").strip() if j is not None else ""
-        if not content:
-            raise refuse
-        sentinel = render(messages[:k] + [{"role": "assistant", "content": _SENT.format("C")}])
-        for anchor in (content, json.dumps(content, ensure_ascii=False)[1:-1]):  # as written, or JSON-encoded
-            at = sentinel.rfind(anchor, 0, sentinel.find(_SENT.format("C")))
-            p_at = prompt.rfind(anchor)
-            if at >= 0 and p_at >= 0 and through[:at + len(anchor)] == sentinel[:at + len(anchor)]:
-                break
+        opened_at = prompt.rfind("<think>")
+        if content:
+            sentinel = render(messages[:k] + [{"role": "assistant", "content": _SENT.format("C")}])
+            for anchor in (content, json.dumps(content, ensure_ascii=False)[1:-1]):  # as written, or JSON-encoded
+                at = sentinel.rfind(anchor, 0, sentinel.find(_SENT.format("C")))
+                p_at = prompt.rfind(anchor)
+                if at >= 0 and p_at >= 0 and through[:at + len(anchor)] == sentinel[:at + len(anchor)]:
+                    break
+            else:
+                raise refuse
+            p_after, q_after = prompt[p_at + len(anchor):], through[at + len(anchor):]
+        elif opened_at >= 0 and through.startswith(prompt[:opened_at]):
+            # nothing to anchor on (an empty user message), but the prompt only adds an opened reasoning block
+            p_after, q_after = prompt[opened_at:], through[opened_at:]
         else:
             raise refuse
-        p_after, q_after = prompt[p_at + len(anchor):], through[at + len(anchor):]
         if q_after.startswith(p_after):
             target = self._target("", q_after[len(p_after):])
             if target is None:
                 raise refuse
             return target
+        inline_reasoning = re.match(r"\s*<think>(.*?)</think>", messages[k].get("content") or "", re.S)
+        if re.search(r"<think>\s*</think>\s*$", p_after) and ((message.reasoning or "").strip()
+                                                                or (inline_reasoning and inline_reasoning[1].strip())):
+            raise Refused("reasoning-off",
+                          f"assistant message {k}: the generation prompt closes an empty reasoning block (thinking is "
+                          "off, e.g. enable_thinking=false), so the model is never asked for this turn's reasoning; drop "
+                          "the reasoning from such rows or turn thinking on")
         shared = p_after.rfind("<think>")
         opened = p_after[shared:]
         if shared < 0 or q_after[:shared] != p_after[:shared] or not re.fullmatch(r"<think>\s*", opened):
@@ -419,6 +441,13 @@ class Encoder:
                                   f"assistant message {turn.message}: template {self.template.name!r} does not render its tool "
                                   f"call {function['name']!r} (missing {missing[0]!r} in the trained text); use a template "
                                   "with tool calls (qwen3, llama3, mistral_v3, or the tokenizer's own)")
+            content = (message.get("content") or "").strip()
+            if message.get("tool_calls") and content and _nfc(content) not in _nfc(target):
+                # Llama-3.1's official template writes only the call of such a message: its text would vanish unseen
+                raise Refused("content-not-rendered",
+                              f"assistant message {turn.message}: template {self.template.name!r} renders only the tool "
+                              "call of a message that also has text, so the text would be dropped; move the text to a "
+                              "message of its own, or use a template that renders both (qwen3, mistral_v3, gpt_oss)")
             reasoning = (message.get("reasoning_content") or "").strip()
             if reasoning and reasoning not in target:
                 raise Refused("reasoning-not-rendered",

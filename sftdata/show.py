@@ -10,6 +10,8 @@ filter (truncated rows, rows from one source file).
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -90,6 +92,26 @@ def _source_matches(value: str, wanted: str) -> bool:
         return Path(value).resolve() == Path(wanted).resolve()
     except OSError:
         return False
+
+
+def _where_else(directory: str | Path, manifest: dict[str, Any], split: str, source: str, row: int) -> str:
+    """Where input row ``source:row`` went when it is not in ``split``: another split, removed (by which stage and
+    why) or skipped (the problem), from the output's own files."""
+    for other in manifest.get("splits", {}):
+        if other != split and find_rows(directory, other, source=source, row=row):
+            return f": it is in split {other!r} (--split {other})"
+    for name, verb in (("removed.jsonl", "removed"), ("problems.jsonl", "skipped")):
+        path = Path(directory) / name
+        if not path.exists():
+            continue
+        with path.open(encoding="utf-8") as lines:
+            for line in lines:
+                entry = json.loads(line)
+                if entry.get("row") == row and _source_matches(str(entry.get("source")), source):
+                    why = entry.get("reason") or entry.get("kind")
+                    stage = f"{entry['stage']}: " if entry.get("stage") else ""
+                    return f": it was {verb} ({stage}{why}: {entry.get('detail', '')}), see {name}"
+    return ": the output holds no trace of it (is the file and row right? rows are 1-based)"
 
 
 def find_rows(directory: str | Path, split: str = "train", *, source: str | None = None, row: int | None = None,
@@ -313,7 +335,7 @@ def show(
         if not matches:
             asked = " and ".join(x for x in (where and f"--where {where}", source and f"--source {source}",
                                              truncated and "--truncated") if x)
-            hint = (" (it may have been skipped or removed: see problems.jsonl and removed.jsonl)" if where else "")
+            hint = _where_else(directory, manifest, split, wanted_source, wanted_row) if where else ""
             raise DataError(f"no row of split {split!r} matches {asked}{hint}")
         if row >= len(matches):
             raise DataError(f"--row {row} is out of range: {len(matches)} rows match")

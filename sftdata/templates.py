@@ -11,7 +11,7 @@ import hashlib
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
@@ -134,6 +134,12 @@ class ChatTemplate:
     special_tokens: dict[str, Any]
     origin: str = ""
     budget: RenderBudget = field(default_factory=RenderBudget)
+    pinned: dict[str, Any] = field(default_factory=dict)  # variables every render receives (see with_variables)
+
+    def with_variables(self, **variables: Any) -> "ChatTemplate":
+        """This template with ``variables`` passed to every render (a row's own keywords still win): how a build's
+        pinned date and ``--template-kwargs`` reach checks that render the template themselves."""
+        return replace(self, pinned={**self.pinned, **variables})
 
     @cached_property
     def _state(self) -> _BudgetState:
@@ -184,7 +190,7 @@ class ChatTemplate:
         state = self._state
         state.budget, state.chars, state.iterations = self.budget, self.budget.chars, 0
         state.deadline = time.monotonic() + self.budget.seconds
-        variables = {**self.special_tokens, **kwargs}
+        variables = {**self.special_tokens, **self.pinned, **kwargs}
         text = compiled.render(messages=messages, tools=tools, documents=None,
                                add_generation_prompt=add_generation_prompt, **variables)
         return state.check_size(text)

@@ -141,7 +141,7 @@ SUITE: tuple[Case, ...] = (
 
 # Refusals that mean "this template cannot render the feature": rows like it are reported, never trained.
 _UNSUPPORTED = ("template-error", "tool-calls-not-rendered", "reasoning-not-rendered", "tools-not-rendered",
-                "tool-result-not-rendered")
+                "tool-result-not-rendered", "content-not-rendered", "reasoning-off")
 
 
 
@@ -249,6 +249,30 @@ def text_diff(a: str, b: str, label_a: str = "expected", label_b: str = "got", c
     i = _first_difference(a, b)
     return (f"differ at character {i} (lengths {len(a)} vs {len(b)}): {label_a} "
             f"{a[max(0, i - context):i + context]!r} vs {label_b} {b[max(0, i - context):i + context]!r}")
+
+
+_SUITE_REASONING = "Work it out step by step before answering."
+
+
+def _suite_for(encoder: Encoder, suite: tuple[Case, ...]) -> tuple[tuple[Case, ...], str | None]:
+    """The suite the encoding checks run: ``suite`` itself, or, for a template whose generation prompt opens a
+    reasoning block (QwQ, DeepSeek-R1), the suite with a reasoning trace on every assistant turn that has none: such a
+    template refuses turns without reasoning (``missing-reasoning``, a row problem), and checking only refusals would
+    check nothing."""
+    probe = next(case for case in suite if case.core and case.feature is None)
+    _, refused = _encode_case(encoder, probe)
+    if refused is None or refused.kind != "missing-reasoning":
+        return suite, None
+
+    def with_reasoning(case: Case) -> Case:
+        messages = tuple(replace(m, reasoning=_SUITE_REASONING)
+                         if m.role == "assistant" and not m.reasoning and not m.content.lstrip().startswith("<think>")
+                         else m for m in case.message_objects())
+        return replace(case, messages=messages, feature=case.feature or "reasoning")
+
+    return (tuple(with_reasoning(case) for case in suite),
+            "the generation prompt opens a reasoning block: turns without reasoning are refused (missing-reasoning, "
+            f"a row problem); the suite was encoded with the reasoning {_SUITE_REASONING!r} on every assistant turn")
 
 
 def _escaped(encoder: Encoder, case: Case) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
@@ -495,7 +519,8 @@ def _serving_prefix(encoder: Encoder, suite: tuple[Case, ...], subject: str, inv
                 checked += 1
                 prompt, _ = _render(template, msgs[:k], True, tools)
                 pids = backend.encode(prompt, add_special_tokens=False).ids
-                if not ex.tokenized_apart and not text.startswith(prompt):
+                # a composed example is P_k + what the model writes, not a render: only its token prefix is checked
+                if not ex.tokenized_apart and not ex.counts["turns_composed"] and not text.startswith(prompt):
                     failures.append(f"{case.name}: turn {k}: the serving prompt is not a text prefix of the example: "
                                     + text_diff(prompt, text, "prompt", "example"))
                 elif ex.input_ids[:len(pids)] != pids:
@@ -598,6 +623,11 @@ def _check_example(encoder: Encoder, ex: Any, msgs: list[dict[str, Any]], tools:
         else:
             prompt, _ = _render(template, example[:k], True, tools)
             through, _ = _render(template, example[:k + 1], False, tools)
+            if not through.startswith(prompt):
+                problem = _check_composed(encoder, ex, (s, e), example[k], prompt, through, decoded)
+                if problem:
+                    return f"turn {k}: {problem}"
+                continue
             expected = through[len(prompt):]
             if encoder.header and expected.endswith(encoder.header):
                 expected = expected[:-len(encoder.header)]
@@ -606,6 +636,33 @@ def _check_example(encoder: Encoder, ex: Any, msgs: list[dict[str, Any]], tools:
         if unicodedata.normalize("NFC", decoded.strip()) != unicodedata.normalize("NFC", expected.strip()):
             return (f"turn {k}: decoded trained tokens != template-generated text + end marker: "
                     + text_diff(expected.strip(), decoded.strip(), "expected", "decoded"))
+    return None
+
+
+def _check_composed(encoder: Encoder, ex: Any, span: tuple[int, int], message: dict[str, Any], prompt: str,
+                    through: str, decoded: str) -> str | None:
+    """A turn whose serving prompt ``P_k`` is not a prefix of its own render ``Q_k`` (the template renders the context
+    differently once the turn exists, or the prompt opens a reasoning block): its example must be ``tok(P_k)`` followed
+    by the trained target and nothing else, and the target must hold the message's reasoning and content and end the
+    way ``Q_k`` ends after the content."""
+    pids = encoder.backend.encode(prompt, add_special_tokens=False).ids
+    if ex.input_ids[:len(pids)] != pids or span != (len(pids), len(ex.input_ids)):
+        return (f"a composed example is not tok(serving prompt) followed by one trained target: prompt of {len(pids)} "
+                f"tokens, trained span {span}, {len(ex.input_ids)} tokens")
+    text = unicodedata.normalize("NFC", decoded)
+    for part in ((message.get("reasoning_content") or "").strip(), (message.get("content") or "").strip()):
+        if part and unicodedata.normalize("NFC", part) not in text:
+            return f"the trained target lacks {part[:40]!r}: " + text_diff(part, text, "message", "decoded")
+    answer = (message.get("content") or "").strip()
+    at = through.rfind(answer) if answer else -1
+    if at >= 0:
+        tail = through[at:]
+        if encoder.header and tail.endswith(encoder.header):
+            tail = tail[:-len(encoder.header)]
+        tail = unicodedata.normalize("NFC", strip_beside_absorbing_tokens(tail, encoder.tokenizer).strip())
+        if not text.strip().endswith(tail):
+            return "the trained target does not end as the turn's own render does: " + text_diff(tail, text.strip(),
+                                                                                              "render", "decoded")
     return None
 
 
@@ -761,14 +818,24 @@ def verify(tokenizer: Any, template: ChatTemplate | str = "tokenizer", *, histor
         options = replace(options, history_policy=history_policy)
     if encoder is None or (encoder.template, encoder.tokenizer, encoder.options) != (template, tokenizer, options):
         encoder = Encoder(template, tokenizer, options)
+    fidelity = _fidelity(template, tokenizer, suite)
+    if encoder.pinned_variables:  # the checks render the template themselves: as the encoder does (date, kwargs)
+        template = template.with_variables(**encoder.pinned_variables)
+        encoder = Encoder(template, tokenizer, options)
     decision = plan_history_policy(encoder)
-    checks = [_fidelity(template, tokenizer, suite), _serving_prefix(encoder, suite, "template", True)]
+    encoding_suite, reasoning_note = _suite_for(encoder, suite)
+    checks = [fidelity, _serving_prefix(encoder, encoding_suite, "template", True)]
     own = _tokenizer_template(tokenizer)
     if own is not None and own != template.source:
-        own_encoder = Encoder(load_template("tokenizer", tokenizer), tokenizer, options)
+        own_template = load_template("tokenizer", tokenizer)
+        own_encoder = Encoder(own_template, tokenizer, options)
+        if own_encoder.pinned_variables:
+            own_encoder = Encoder(own_template.with_variables(**own_encoder.pinned_variables), tokenizer, options)
         checks.append(_serving_prefix(own_encoder, suite, "tokenizer.chat_template", False))
     checks.append(_history(template, decision))
-    masks, encoded = _exact_masks(encoder, suite)
+    masks, encoded = _exact_masks(encoder, encoding_suite)
+    if reasoning_note:
+        masks.notes.insert(0, reasoning_note)
     checks.append(masks)
     checks.append(_round_trip(encoder, suite))
     checks.append(_special_tokens(encoder, encoded))

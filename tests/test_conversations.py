@@ -7,6 +7,8 @@ in order), and each trained run decodes to the turn's target text.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from sftdata.record import Message, Record
@@ -188,7 +190,7 @@ def test_header_written_after_every_message_is_never_trained():
     ("chatml", Record("t.jsonl", 1, [Message("user", "Hi"), Message("assistant", "Hello.")], tools=ADD),
      "tools-not-rendered"),
     ("llama2", Record("t.jsonl", 1, [Message("user", "2+3?"), Message("assistant", "", tool_calls=[call("add", "c1")]),
-                                     Message("tool", "5"), Message("assistant", "5.")]), "template-error"),
+                                     Message("tool", "5"), Message("assistant", "5.")]), "tool-calls-not-rendered"),
 ])
 def test_fields_a_template_cannot_render_make_the_row_a_problem(template, record, kind):
     tok = shared_tokenizer("llama3_1" if template == "llama3" else "mistral-7b-v0.1" if template == "llama2" else "qwen3")
@@ -416,3 +418,71 @@ def test_long_conversations_plan_only_the_turns_inside_max_length():
     cut = lambda examples: [(x.input_ids, x.labels) for x in (truncate(e, 2000) for e in examples) if x]  # noqa: E731
     assert cut(bounded) == cut(full)
     assert sum(ex.counts["turns_beyond_max_length"] for ex in bounded) == 225
+
+
+def test_llama31_text_beside_a_tool_call_is_refused_not_dropped():
+    """Llama-3.1's official template writes only the call of an assistant message that also has text: training the
+    row would drop "Let me check." without a word, so the row is refused with the reason."""
+    tok = shared_tokenizer("llama3_1")
+    record = Record("t", 1, [Message("user", "Weather in Oslo?"),
+                             Message("assistant", "Let me check.", tool_calls=[call("get_weather", "c1", city="Oslo")]),
+                             Message("tool", '{"temperature": 5}', tool_call_id="c1"),
+                             Message("assistant", "It is 5 degrees in Oslo.")], tools=WEATHER)
+    _, examples, problems = encode(tok, "llama3", record)
+    assert examples == [] and [p.kind for p in problems] == ["content-not-rendered"]
+    assert "assistant message 1" in problems[0].detail
+    without_text = Record("t", 1, [replace(record.messages[0]), replace(record.messages[1], content=""),
+                                   *record.messages[2:]], tools=WEATHER)
+    _, examples, problems = encode(tok, "llama3", without_text)
+    assert problems == [] and [ex.turns for ex in examples] == [[1, 3]]
+
+
+def test_qwq_turn_after_an_empty_user_message():
+    """The prompt opens <think> and there is no user text to anchor on: the example is still tok(P_k) + the reasoning,
+    </think> and the answer, as the model writes them."""
+    tok = shared_tokenizer("qwen3")
+    template = load_template("qwq", tok)
+    record = Record("t", 1, [Message("user", ""), Message("assistant", "You sent nothing.", reasoning="Empty input.")])
+    _, examples, problems = encode(tok, template, record)
+    assert problems == []
+    [ex] = examples
+    prompt = template.render([{"role": "user", "content": ""}], add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n")
+    prompt_ids = tok.backend_tokenizer.encode(prompt, add_special_tokens=False).ids
+    target_ids = tok.backend_tokenizer.encode("Empty input.\n</think>\n\nYou sent nothing.<|im_end|>",
+                                              add_special_tokens=False).ids
+    assert ex.input_ids == prompt_ids + target_ids
+    assert ex.labels == [IGNORE_INDEX] * len(prompt_ids) + target_ids
+
+
+def test_reasoning_with_thinking_off_is_refused():
+    """enable_thinking=false: Qwen3's serving prompt closes an empty think block, so the model is never asked for
+    reasoning; a turn that carries some (as a field or inline) is refused, not trained against that prompt."""
+    tok = shared_tokenizer("qwen3")
+    rows = [Record("t", 1, [Message("user", "2+2?"), Message("assistant", "4", reasoning="Add them.")]),
+            Record("t", 2, [Message("user", "2+2?"), Message("assistant", "<think>\nAdd them.\n</think>\n\n4")]),
+            Record("t", 3, [Message("user", "2+2?"), Message("assistant", "4")])]
+    encoder = Encoder(load_template("qwen3", tok), tok, EncodeOptions(template_kwargs={"enable_thinking": False}))
+    examples, problems = encoder.encode_batch(rows)
+    assert [(p.row, p.kind) for p in problems] == [(1, "reasoning-off"), (2, "reasoning-off")]
+    [ex] = examples
+    prompt_ids = tok.backend_tokenizer.encode(
+        "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n", add_special_tokens=False).ids
+    target = tok.backend_tokenizer.encode("4<|im_end|>", add_special_tokens=False).ids
+    assert ex.row == 3 and ex.input_ids[:len(prompt_ids)] == prompt_ids
+    assert ex.labels == [IGNORE_INDEX] * len(prompt_ids) + target + [IGNORE_INDEX] * (len(ex.input_ids) - len(prompt_ids) - len(target))
+
+
+def test_a_template_without_tools_that_refuses_tool_roles_says_so():
+    """Mistral v0.1's template raises on any role but user/assistant: for a tool conversation the problem says the
+    template has no tool calls and names templates that do, instead of a bare alternation error."""
+    tok = shared_tokenizer("mistral-7b-v0.1")
+    record = Record("t", 1, [Message("user", "Weather in Oslo?"),
+                             Message("assistant", "", tool_calls=[call("get_weather", "c1", city="Oslo")]),
+                             Message("tool", '{"temperature": 5}', tool_call_id="c1"),
+                             Message("assistant", "It is 5 degrees in Oslo.")], tools=WEATHER)
+    _, examples, problems = encode(tok, "mistral", record)
+    assert examples == [] and [p.kind for p in problems] == ["tool-calls-not-rendered"]
+    assert problems[0].detail.startswith("template 'mistral' has no tool calls or tool results and refuses this "
+                                         "conversation (Conversation roles must alternate")
+    assert "mistral_v3" in problems[0].detail

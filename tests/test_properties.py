@@ -115,7 +115,8 @@ def test_any_content_is_exact_or_refused_with_a_reason(name, tokname, messages):
 TOOL_PAIRS = [("qwen3", "qwen3"), ("llama3", "llama3_1"), ("gpt_oss", "gpt-oss"), ("qwen3_5", "qwen3"), ("qwq", "qwen3")]
 TOOLS = [{"type": "function", "function": {"name": name, "description": "A tool.", "parameters": {
     "type": "object", "properties": {"q": {"type": "string"}, "n": {"type": "integer"}}}}} for name in ("lookup", "count")]
-TOOL_ALLOWED = ALLOWED | {"reasoning-not-rendered", "missing-reasoning", "tool-calls-not-rendered", "template-error"}
+TOOL_ALLOWED = ALLOWED | {"reasoning-not-rendered", "missing-reasoning", "tool-calls-not-rendered", "template-error",
+                            "content-not-rendered"}
 
 
 @st.composite

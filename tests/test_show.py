@@ -116,8 +116,8 @@ def test_pick_rows_by_file_and_row_and_by_filters(tmp_path):
     text = capture(tmp_path / "o", truncated=True, row=1, count=2)
     assert [line.split(" · ")[0] for line in text.splitlines() if line.startswith("── row ")] == [
         f"── row {truncated[1]}", f"── row {truncated[2]}"]
-    with pytest.raises(DataError, match=r"no row of split 'train' matches --where chat.jsonl:999 \(it may have been "
-                                        "skipped or removed"):
+    with pytest.raises(DataError, match=r"no row of split 'train' matches --where chat.jsonl:999: the output holds no "
+                                        r"trace of it \(is the file and row right\? rows are 1-based\)$"):
         show(tmp_path / "o", where="chat.jsonl:999", console=Console(quiet=True))
     with pytest.raises(DataError, match="expected FILE:ROW"):
         show(tmp_path / "o", where="chat.jsonl", console=Console(quiet=True))
@@ -157,3 +157,15 @@ def test_show_marks_reasoning_tool_calls_and_tool_results(tmp_path):
     kinds = [line.split("│")[-2].strip() for line in table.export_text().splitlines()
              if line.startswith("│") and line.split("│")[1].strip().isdigit()]
     assert kinds.count("tool_result") == 1 and kinds.count("reasoning") == 7 and "tool_call" in kinds
+
+
+def test_where_says_where_a_missing_row_went(tmp_path):
+    """--where on a row that is not in the split names the split that holds it, or the stage and reason that removed
+    or skipped it, from the output's own files."""
+    build([CHAT], output=tmp_path / "o", filters={"drop_refusals": True}, splits={"train": 0.5, "test": 0.5})
+    test_rows = pq.read_table(tmp_path / "o" / "test", columns=["row"]).column("row").to_pylist()
+    with pytest.raises(DataError, match=rf"--where chat.jsonl:{test_rows[0]}: it is in split 'test' \(--split test\)$"):
+        show(tmp_path / "o", where=f"chat.jsonl:{test_rows[0]}", console=Console(quiet=True))
+    with pytest.raises(DataError, match=r"--where chat.jsonl:3: it was removed \(filter: refusal: message 3 contains the "
+                                        r"refusal phrase 'as a language model'\), see removed.jsonl$"):
+        show(tmp_path / "o", where="chat.jsonl:3", console=Console(quiet=True))

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from sftdata.record import Message, Record
 from sftdata.render import EncodeOptions, Encoder
 from sftdata.templates import load_template
 from sftdata.verify import SUITE, parse_rendered, preflight, verify
-from template_helpers import TOKENIZERS, gemma_standin, phi3_standin, require_shared, shared_tokenizer
+from template_helpers import (TOKENIZERS, deepseek_standin, gemma_standin, llama31_standin, mistral_v3_standin,
+                              phi3_standin, require_shared, shared_tokenizer)
 
 
 def test_official_pairs_pass_everything():
@@ -18,6 +20,38 @@ def test_official_pairs_pass_everything():
         report = verify(shared_tokenizer(tok), name)
         assert report.ok, report.format_text()
         assert report.invariant_ok and report.differs_from_tokenizer is False
+
+
+FAMILY_PAIRS = [("qwen3", lambda: shared_tokenizer("qwen3")), ("qwq", lambda: shared_tokenizer("qwen3")),
+                ("qwen3_5", lambda: shared_tokenizer("qwen3")), ("llama3", lambda: shared_tokenizer("llama3_1")),
+                ("llama3", llama31_standin), ("gpt_oss", lambda: shared_tokenizer("gpt-oss")),
+                ("mistral_v3", mistral_v3_standin), ("deepseek_r1", deepseek_standin),
+                ("deepseek_v3", deepseek_standin)]
+
+
+@pytest.mark.parametrize("name, tokenizer", FAMILY_PAIRS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(FAMILY_PAIRS)])
+def test_every_tool_and_reasoning_template_passes_the_preflight_on_its_family(name, tokenizer):
+    """What `build` runs before any row: a built-in template with tools or reasoning must pass every invariant check on
+    a tokenizer of its family, including the tool-call and reasoning cases (composed turns, text beside a call)."""
+    tok = tokenizer()
+    report = preflight(Encoder(load_template(name, tok), tok, EncodeOptions(template_date="2026-12-02")))
+    assert report.invariant_ok, report.format_text()
+    masks = report.check("exact-masks", "template")
+    if name in ("qwq", "deepseek_r1"):  # the prompt opens <think>: the suite is encoded with reasoning added
+        assert masks.notes[0].startswith("the generation prompt opens a reasoning block")
+    else:
+        assert not any(n.startswith("the generation prompt opens a reasoning block") for n in masks.notes)
+
+
+def test_the_checks_render_with_the_build_s_template_keywords():
+    """--template-kwargs enable_thinking=false reaches verify's own renders: the pair passes, and the reasoning cases are
+    noted as rows refused (reasoning-off) rather than failing the preflight."""
+    tok = shared_tokenizer("qwen3")
+    options = EncodeOptions(template_kwargs={"enable_thinking": False})
+    report = preflight(Encoder(load_template("qwen3", tok), tok, options))
+    assert report.invariant_ok, report.format_text()
+    notes = report.check("exact-masks", "template").notes
+    assert sum("[reasoning-off]" in n for n in notes) == 3
 
 
 def test_qwen3_template_on_qwen3_passes_with_split_policy():
