@@ -292,17 +292,21 @@ class Deduplicator:
 
     # -- pass 1 ------------------------------------------------------------------------------------------------
     def add_batch(self, records: list[Record]) -> None:
+        self.add_sketch([(rec.source, rec.row) for rec in records], sketch_batch(records, self.config))
+
+    def add_sketch(self, positions: list[tuple[str, int]], sketch: BatchSketch) -> None:
+        """Add a batch sketched elsewhere (a worker ran :func:`sketch_batch` with this ``config``): ``positions`` are
+        the ``(source, row)`` of its records, in order. Same result as :meth:`add_batch` of those records."""
         if self._finalized:
             raise RuntimeError("add_batch after finalize")
-        sketch = sketch_batch(records, self.config)
         start = len(self._src)
-        for rec in records:
-            sid = self._source_ids.get(rec.source)
+        for source, row in positions:
+            sid = self._source_ids.get(source)
             if sid is None:
-                sid = self._source_ids[rec.source] = len(self._sources)
-                self._sources.append(rec.source)
+                sid = self._source_ids[source] = len(self._sources)
+                self._sources.append(source)
             self._src.append(sid)
-            self._row.append(rec.row)
+            self._row.append(row)
         self._exact_keys.append(sketch.exact_keys)
         if self._spill is None:
             return
@@ -313,9 +317,9 @@ class Deduplicator:
         self._band_keys.append(sketch.band_keys[local])
         self._screen.append(sketch.screen[local])
         counts = np.diff(sketch.set_offsets)
-        wanted = np.zeros(len(records), dtype=bool)
+        wanted = np.zeros(len(positions), dtype=bool)
         wanted[local] = True
-        offsets = np.zeros(len(records) + 1, dtype=np.int64)
+        offsets = np.zeros(len(positions) + 1, dtype=np.int64)
         np.cumsum(np.where(wanted, counts, 0), out=offsets[1:])
         self._spill.append(sketch.sets[np.repeat(wanted, counts)], offsets)
         self._near_pending += len(local)
