@@ -118,8 +118,11 @@ class Recipe:
     pack: bool = _f(False, "Pack examples into rows of max_length tokens (best-fit decreasing).")
     # running
     report: str | None = _f(None, "Also write the removed rows (dedup, decontamination, filters, mixing) here.")
-    engine: str = _f("local", "Where per-row work runs.", choices=("local", "ray"))
-    ray_address: str | None = _f(None, "Ray cluster to connect to (default: a local one).")
+    engine: str = _f("local", "Where reading and per-row work run: this machine (local, see workers) or a Ray "
+                              "cluster (ray: pip install 'sftdata[ray]'). The output is the same.",
+                     choices=("local", "ray"))
+    ray_address: str | None = _f(None, "Ray cluster to connect to: auto (the `ray start` cluster of this machine) or "
+                                       "HOST:PORT (default: a local Ray started for the build).")
     workers: int = _f(1, "Encoder processes of the local engine (1 = in-process).")
     batch_size: int = _f(1000, "Rows per batch.")
     train: dict[str, Any] | None = _f(None, "The `sftdata train` settings (read by `sftdata train --config`).")

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 
 from sftdata.build import build
+from sftdata.cli import main
 from sftdata.recipe import Recipe, Source
 
-from conftest import REPO, shared_path
+from conftest import REPO, TINY_TOKENIZER, shared_path
 
 ray = pytest.importorskip("ray") if not os.environ.get("CI") else __import__("ray")
 
@@ -158,6 +160,24 @@ def test_a_worker_killed_mid_build_is_retried_and_the_output_is_the_same(corpus,
     build(recipe_for(corpus, tmp_path / "ray", engine="ray"))
     assert not local_cluster.exists()  # a worker did die
     assert_same_build(local_build, tmp_path / "ray")
+
+
+def test_on_error_fail_stops_at_the_same_row_as_local(local_cluster, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "x"}) + "\n")
+    result = CliRunner().invoke(main, ["build", str(src), "-o", str(tmp_path / "o"), "--on-error", "fail", "-q",
+                                       "--tokenizer", str(TINY_TOKENIZER), "--engine", "ray"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{src}:2: [ingest/missing-field] missing field 'output'" in " ".join(result.output.split())
+    assert not (tmp_path / "o").exists()
+
+
+def test_without_ray_the_error_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    result = CliRunner().invoke(main, ["build", str(REPO / "examples" / "data" / "chat.jsonl"), "-q", "--engine", "ray",
+                                       "--tokenizer", str(TINY_TOKENIZER), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "engine ray needs Ray: pip install 'sftdata[ray]'" in result.output
 
 
 def _free_port() -> int:
