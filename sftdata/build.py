@@ -269,6 +269,14 @@ class _Run:
         self._writer = pa.ipc.new_file(self._sink, STAGE_SCHEMA)
         stack.callback(self._close_writer)
         self.bar = stack.enter_context(_Progress(progress, console))
+        self.sketch_offsets: dict[str, int] = {}  # engine ray: each dedup sketch file's first input position
+        if recipe.engine == "ray":  # one connection for phases 1 and 2
+            from sftdata.engine_ray import connect
+
+            if connect(recipe.ray_address):
+                import ray
+
+                stack.callback(ray.shutdown)
         self.dedup_stage = None
         if recipe.dedup is not None:
             from sftdata.clean import Deduplicator
@@ -334,9 +342,14 @@ class _Run:
         for origin, (source, paths) in enumerate(zip(self.recipe.sources, inputs)):
             label = source.label(origin) if source.data is not None else None
             options = self._read_options(source)
-            shards.extend(ReadShard(len(shards) + i, origin, path, options, label) for i, path in enumerate(paths))
+            for path in paths:
+                shards.append(ReadShard(len(shards), origin, path, options, label))
         dedup = self.dedup_stage.config if self.dedup_stage is not None else None
-        for part in run_on_ray(self.pipeline, shards, address=self.recipe.ray_address, dedup=dedup):
+        sketch_dir = self.tmp / ".dedup-sketches"  # in the staging directory: where the output goes, every node's
+        if dedup is not None:
+            sketch_dir.mkdir()
+        for part in run_on_ray(self.pipeline, shards, address=self.recipe.ray_address, dedup=dedup,
+                               sketch_dir=str(sketch_dir) if dedup is not None else None):
             self.problems.extend(part.problems)  # ingest problems, as read_records logs them before its batch
             if part.error is not None:
                 raise part.error
@@ -345,7 +358,10 @@ class _Run:
                 self.bar.rows(part.rows)
                 self._merge(part.origin, [], part.output)
                 if dedup is not None and part.positions:
-                    self.dedup_stage.add_sketch(part.positions, part.sketch)
+                    from sftdata.clean.dedup_ray import sketch_file
+
+                    self.sketch_offsets[sketch_file(sketch_dir, part.shard, part.seq).name] = self.dedup_stage.rows_seen
+                    self.dedup_stage.add_positions(part.positions)
             for s in part.stats:
                 self.stats.append(s)
                 self.stats_origin.append(part.origin)
@@ -388,6 +404,14 @@ class _Run:
         if stage is None:
             return set()
         self.bar.start("dedup", 0)
+        if self.recipe.engine == "ray":
+            from sftdata.clean.dedup_ray import dedup_on_ray
+            from sftdata.engine_ray import cluster_cpus
+
+            sketches = self.tmp / ".dedup-sketches"
+            partitions = max(1, min(cluster_cpus(), stage.rows_seen // 200_000))  # small inputs: fewer shuffle tasks
+            dedup_on_ray(stage, sketches, self.sketch_offsets, partitions=partitions)
+            shutil.rmtree(sketches)
         stage.finalize()
         keep = stage.keep_mask()
         sources, source_index, rows = stage.positions()

@@ -32,7 +32,7 @@ from sftdata.ingest import ReadStats, read_records
 from sftdata.pipeline import BatchOutput, RowPipeline
 from sftdata.record import DataError, Problem, ProblemLog, Record
 
-__all__ = ["RAY_MISSING", "ReadShard", "ShardPart", "connect", "read_shard", "run_on_ray"]
+__all__ = ["RAY_MISSING", "ReadShard", "ShardPart", "cluster_cpus", "connect", "read_shard", "run_on_ray"]
 
 RAY_MISSING = "engine ray needs Ray: pip install 'sftdata[ray]'"
 
@@ -116,9 +116,11 @@ def read_shard(shard: ReadShard) -> Iterator[ShardPart]:
                     stats=stats)
 
 
-def process_part(part: ShardPart, pipeline: RowPipeline, dedup: Any = None) -> ShardPart:
-    """Run a part's records through the per-row stages (and sketch the survivors for dedup); the records are
-    dropped, so only the results travel back."""
+def process_part(part: ShardPart, pipeline: RowPipeline, dedup: Any = None, sketch_dir: str | None = None
+                 ) -> ShardPart:
+    """Run a part's records through the per-row stages and, for dedup, sketch the survivors: the sketch is written to
+    ``sketch_dir`` (:func:`~sftdata.clean.dedup_ray.write_sketch`) or, without one, travels back with the part.
+    The records are dropped, so only the results travel back."""
     if part.records:
         out = pipeline.process(part.records, part.origin)
         if dedup is not None:
@@ -126,6 +128,11 @@ def process_part(part: ShardPart, pipeline: RowPipeline, dedup: Any = None) -> S
 
             part.positions = [(r.source, r.row) for r in out.survivors]
             part.sketch = sketch_batch(out.survivors, dedup)
+            if sketch_dir is not None and part.positions:
+                from sftdata.clean.dedup_ray import sketch_file, write_sketch
+
+                write_sketch(sketch_file(sketch_dir, part.shard, part.seq), part.sketch)
+                part.sketch = None
         out.survivors = []
         part.rows, part.output, part.records = len(part.records), out, []
     return part
@@ -140,6 +147,10 @@ def _ray() -> Any:
     except ImportError:
         raise DataError(RAY_MISSING) from None
     return ray
+
+
+def cluster_cpus() -> int:
+    return max(1, int(_ray().cluster_resources().get("CPU", 1)))
 
 
 def connect(address: str | None) -> bool:
@@ -172,21 +183,22 @@ class _PipelineWorker:
     def __init__(self, shipped: list[Any]):
         import ray
 
-        spec, tokenizer, decontaminator, self.dedup = ray.get(shipped[0])
+        spec, tokenizer, decontaminator, self.dedup, self.sketch_dir = ray.get(shipped[0])
         self.pipeline = RowPipeline(spec, tokenizer=tokenizer, decontaminator=decontaminator)
         self.pipeline.encoder  # compile the template now, not on the first batch  # noqa: B018
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         for blob in batch["part"]:
-            yield _pack(process_part(pickle.loads(blob), self.pipeline, self.dedup))
+            yield _pack(process_part(pickle.loads(blob), self.pipeline, self.dedup, self.sketch_dir))
 
 
 def run_on_ray(pipeline: RowPipeline, shards: Iterable[ReadShard], *, address: str | None = None,
-               dedup: Any = None, workers: int | None = None) -> Iterator[ShardPart]:
+               dedup: Any = None, sketch_dir: str | None = None, workers: int | None = None) -> Iterator[ShardPart]:
     """Run phase 1 on Ray: every shard read and processed by the cluster; the parts are yielded in input order
     (shard by shard, batch by batch), ready for the driver's merge. ``dedup``: a
-    :class:`~sftdata.clean.dedup.DedupConfig` (the survivors are sketched on the workers). ``workers``: size of the
-    actor pool (default: the cluster's CPUs)."""
+    :class:`~sftdata.clean.dedup.DedupConfig` (the survivors are sketched on the workers, the sketches written to
+    ``sketch_dir``, a directory every node can write, for :func:`~sftdata.clean.dedup_ray.dedup_on_ray`).
+    ``workers``: size of the actor pool (default: the cluster's CPUs)."""
     ray = _ray()
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -198,8 +210,8 @@ def run_on_ray(pipeline: RowPipeline, shards: Iterable[ReadShard], *, address: s
         context.execution_options.preserve_order = True  # the merge, hence every output file, is in input order
         context.enable_progress_bars = False
         tokenizer = pipeline.encoder.tokenizer
-        shipped = ray.put((pipeline.spec, tokenizer, pipeline.stages[1], dedup))  # once, through the object store
-        size = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        shipped = ray.put((pipeline.spec, tokenizer, pipeline.stages[1], dedup, sketch_dir))  # once, through the object store
+        size = workers or cluster_cpus()
         ds = ray.data.from_items([{"shard": pickle.dumps(s, protocol=5)} for s in shards],
                                  override_num_blocks=max(1, len(shards)))
         # a read task whose worker dies is retried (Ray's default for tasks: 3 times); a pipeline actor that dies

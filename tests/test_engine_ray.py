@@ -155,6 +155,43 @@ def test_ray_build_is_the_local_build(corpus, local_build, local_cluster, tmp_pa
     assert set(manifest["splits"]) == {"train", "validation"} and manifest["packing"]["train"]["rows"] > 0
 
 
+def test_distributed_dedup_decides_what_the_local_dedup_decides(local_cluster, tmp_path):
+    """Real rows, exact repeats and chains of near duplicates (A~B, B~C, not A~C: C joins A's cluster through B, and
+    its Jaccard with A is computed for a pair that is no edge): the keep set, every removal and every statistic of
+    the Ray Data group-bys and joins equal the local Deduplicator's."""
+    from sftdata.clean.dedup import Deduplicator, sketch_batch
+    from sftdata.clean.dedup_ray import dedup_on_ray, sketch_file, write_sketch
+    from sftdata.record import Record
+
+    rows = [json.loads(line) for line in shared_path("data", "gsm8k_train.jsonl").read_text().splitlines()[:400]]
+    texts = [r["question"] + " " + r["answer"] for r in rows]
+    texts += texts[:30:3]  # exact repeats
+    for k in range(8):  # chains of 80 distinct words: B changes word 20 of A, C word 60 of B (J 0.88, 0.88, 0.77)
+        a = [f"w{k}x{i}" for i in range(80)]
+        b = a[:20] + ["changed"] + a[21:]
+        c = b[:60] + ["changed"] + b[61:]
+        texts[40 * k + 5:40 * k + 5] = [" ".join(a)]
+        texts += [" ".join(b), " ".join(c)]
+    records = [Record(source=f"part-{i // 100}", row=i % 100 + 1, text=t) for i, t in enumerate(texts)]
+    local, distributed = Deduplicator(), Deduplicator()
+    offsets = {}
+    for start in range(0, len(records), 64):
+        batch = records[start:start + 64]
+        local.add_batch(batch)
+        file = sketch_file(tmp_path, 0, start)
+        offsets[file.name] = distributed.rows_seen
+        write_sketch(file, sketch_batch(batch, distributed.config))
+        distributed.add_positions([(r.source, r.row) for r in batch])
+    local.finalize()
+    dedup_on_ray(distributed, tmp_path, offsets, partitions=2)
+    assert distributed.summary() == local.summary()
+    assert local.summary()["removed"] == {"exact-duplicate": 10, "near-duplicate": 16}
+    removals = [(local.removal(i, r), distributed.removal(i, r)) for i, r in enumerate(records)]
+    assert all(a == b for a, b in removals)
+    linked = [a.matched for a, _ in removals if a is not None and "linked_via" in a.matched]
+    assert len(linked) == 8 and all(m["jaccard"] < 0.8 <= m["linked_via"]["jaccard"] for m in linked)
+
+
 def test_a_worker_killed_mid_build_is_retried_and_the_output_is_the_same(corpus, local_build, local_cluster, tmp_path):
     local_cluster.write_text("")
     build(recipe_for(corpus, tmp_path / "ray", engine="ray"))

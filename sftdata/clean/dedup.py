@@ -299,12 +299,13 @@ class Deduplicator:
     def add_batch(self, records: list[Record]) -> None:
         self.add_sketch([(rec.source, rec.row) for rec in records], sketch_batch(records, self.config))
 
-    def add_sketch(self, positions: list[tuple[str, int]], sketch: BatchSketch) -> None:
-        """Add a batch sketched elsewhere (a worker ran :func:`sketch_batch` with this ``config``): ``positions`` are
-        the ``(source, row)`` of its records, in order. Same result as :meth:`add_batch` of those records."""
-        if self._finalized:
-            raise RuntimeError("add_batch after finalize")
-        start = len(self._src)
+    @property
+    def rows_seen(self) -> int:
+        return len(self._src)
+
+    def add_positions(self, positions: list[tuple[str, int]]) -> None:
+        """Number rows whose sketches are kept elsewhere (a cluster: :mod:`sftdata.clean.dedup_ray`, which then
+        finishes with :meth:`adopt`)."""
         for source, row in positions:
             sid = self._source_ids.get(source)
             if sid is None:
@@ -312,6 +313,14 @@ class Deduplicator:
                 self._sources.append(source)
             self._src.append(sid)
             self._row.append(row)
+
+    def add_sketch(self, positions: list[tuple[str, int]], sketch: BatchSketch) -> None:
+        """Add a batch sketched elsewhere (a worker ran :func:`sketch_batch` with this ``config``): ``positions`` are
+        the ``(source, row)`` of its records, in order. Same result as :meth:`add_batch` of those records."""
+        if self._finalized:
+            raise RuntimeError("add_batch after finalize")
+        start = len(self._src)
+        self.add_positions(positions)
         self._exact_keys.append(sketch.exact_keys)
         if self._spill is None:
             return

@@ -1,0 +1,209 @@
+"""Exact and near dedup on a Ray cluster: the steps of :mod:`sftdata.clean.dedup` as Ray Data group-bys and joins.
+
+The workers of phase 1 sketch every batch (:func:`~sftdata.clean.dedup.sketch_batch`) and write the sketch as one
+Parquet file per batch (:func:`write_sketch`) into a scratch directory every node can reach (the build's staging
+directory); the driver only learns how many rows each file holds, so it can number them in input order. Then
+(:func:`dedup_on_ray`):
+
+1. **exact**: a group-by on the 128-bit exact key; each group's rows point at its smallest position;
+2. **band group-by**: each row that may be a near duplicate (it has tokens and is the first of its exact group)
+   becomes one ``(band, key, position)`` row per band; a group-by on ``(band, key)`` emits every pair of a bucket;
+3. **screen**: the pairs are counted (a pair sharing several bands is one candidate), joined with the screen bytes
+   of both rows and screened by their MinHash estimate (:class:`~sftdata.clean.minhash.Screen`);
+4. **verify**: the surviving pairs are joined with the shingle sets of both rows and verified by exact Jaccard
+   (:func:`~sftdata.clean.pairs.pair_jaccard`);
+5. **components**: the verified edges (few: one per near-duplicate link) are gathered by the driver, which labels
+   connected components by min-label propagation and fills in the keep set (:meth:`Deduplicator.adopt
+   <sftdata.clean.dedup.Deduplicator.adopt>`), exactly as the local engine does with the same functions; the
+   Jaccard of a member and its representative that share no edge is computed on the cluster.
+
+Every statistic (band collisions, screened out, candidates, verified, rejected) and every decision equals the local
+one; ``tests/test_engine_ray.py`` checks it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.parquet as pq
+
+from sftdata.clean.dedup import BatchSketch, DedupConfig, Deduplicator, is_edge
+from sftdata.clean.minhash import Screen
+from sftdata.clean.pairs import pair_jaccard, set_matrix
+
+__all__ = ["dedup_on_ray", "sketch_file", "write_sketch"]
+
+
+def sketch_file(directory: str | Path, shard: int, seq: int) -> Path:
+    return Path(directory) / f"{shard:08d}-{seq:08d}.parquet"
+
+
+def write_sketch(path: Path, sketch: BatchSketch) -> int:
+    """Write a batch's sketch (rows in input order) atomically: a retried task rewrites the same file."""
+    n = len(sketch.exact_keys)
+    offsets = pa.array(sketch.set_offsets.astype(np.int32))
+    table = pa.table({
+        "index": pa.array(np.arange(n, dtype=np.int64)),
+        "k0": pa.array(sketch.exact_keys[:, 0]), "k1": pa.array(sketch.exact_keys[:, 1]),
+        "tokens": pa.array(sketch.has_tokens),
+        "bands": pa.FixedSizeListArray.from_arrays(pa.array(sketch.band_keys.reshape(-1)), sketch.band_keys.shape[1])
+        if sketch.band_keys.shape[1] else pa.nulls(n, pa.list_(pa.uint64())),
+        "screen": pa.array([row.tobytes() for row in sketch.screen], pa.binary()),
+        "sets": pa.ListArray.from_arrays(offsets, pa.array(sketch.sets)),
+    })
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return n
+
+
+# -- the Ray Data steps (module-level functions: they run on the workers) ---------------------------------------------
+
+def _read_sketches(batch: dict[str, np.ndarray], offsets: dict[str, int]) -> Any:
+    """Read sketch files (a task per file), each row numbered with its input position: the file's first position
+    plus its index in it. (pyarrow directly: ray.data.read_parquet needs a newer fsspec than some environments
+    pin, and a file is one block anyway.)"""
+    for path in batch["path"]:
+        table = pq.read_table(path)
+        start = offsets[os.path.basename(path)]
+        yield table.append_column("pos", pa.compute.add(table["index"], start)).drop_columns(["index"])
+
+
+def _exact_group(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One exact-key group: every row but the earliest, with the earliest."""
+    pos = group["pos"]
+    first = pos.min()
+    later = pos[pos != first]
+    return {"pos": later, "first": np.full(len(later), first, dtype=np.int64)}
+
+
+def _eligible(batch: dict[str, np.ndarray], repeats: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows that may be near duplicates: with tokens and the first of their exact group."""
+    keep = batch["tokens"] & ~np.isin(batch["pos"], repeats)
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def _band_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    bands = np.stack(batch["bands"]) if len(batch["bands"]) else np.zeros((0, 0), np.uint64)
+    n, b = bands.shape
+    return {"band": np.tile(np.arange(b, dtype=np.int16), n), "key": bands.reshape(-1).astype(np.uint64),
+            "pos": np.repeat(batch["pos"], b)}
+
+
+def _bucket_pairs(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every pair ``a < b`` of one band bucket."""
+    members = np.sort(group["pos"])
+    i, j = np.triu_indices(len(members), 1)
+    return {"a": members[i], "b": members[j]}
+
+
+def _screen_pairs(batch: dict[str, np.ndarray], threshold: float, margin: float) -> dict[str, np.ndarray]:
+    m = len(batch["a"])
+    rows = np.frombuffer(b"".join(batch["screen_a"]) + b"".join(batch["screen_b"]), dtype=np.uint8)
+    screen = Screen(rows.reshape(2 * m, -1) if m else np.zeros((0, 0), np.uint8))
+    ok = screen.pairs(np.arange(m), np.arange(m, 2 * m), threshold=threshold, margin=margin) if m else np.zeros(0, bool)
+    return {"a": batch["a"], "b": batch["b"], "count": batch["count"], "ok": ok}
+
+
+def _passed_screen(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"a": batch["a"][batch["ok"]], "b": batch["b"][batch["ok"]]}
+
+
+def _jaccard_pairs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    m = len(batch["a"])
+    sets = list(batch["sets_a"]) + list(batch["sets_b"])
+    lengths = np.array([len(s) for s in sets], dtype=np.int64)
+    offsets = np.zeros(len(sets) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate(sets).astype(np.int64) if sets else np.zeros(0, np.int64)
+    j = pair_jaccard(set_matrix(values, offsets), np.arange(m), np.arange(m, 2 * m)) if m else np.zeros(0)
+    return {**{k: v for k, v in batch.items() if k not in ("sets_a", "sets_b")}, "j": j}
+
+
+def _join_side(ray_data: Any, pairs: Any, rows: Any, column: str, side: str, partitions: int) -> Any:
+    """``pairs`` with ``column`` of row ``side`` (a or b) joined on as ``<column>_<side>``."""
+    right = rows.select_columns(["pos", column]).rename_columns({"pos": side, column: f"{column}_{side}"})
+    return pairs.join(right, join_type="inner", num_partitions=partitions, on=(side,))
+
+
+def _numpy(ds: Any, columns: list[str]) -> dict[str, np.ndarray]:
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for c in columns:
+            parts[c].append(batch[c])
+    return {c: np.concatenate(v) if v else np.zeros(0, np.int64) for c, v in parts.items()}
+
+
+def dedup_on_ray(dedup: Deduplicator, directory: str | Path, offsets: dict[str, int], *, partitions: int = 2) -> None:
+    """Run the dedup of the sketches in ``directory`` on the connected Ray cluster and finish ``dedup`` with the
+    result (its positions were added with :meth:`~sftdata.clean.dedup.Deduplicator.add_positions`); ``offsets``:
+    each sketch file's first input position."""
+    import ray
+    import ray.data as rd
+
+    cfg: DedupConfig = dedup.config
+    n = dedup.rows_seen
+    stats = {"band_collisions": 0, "screened_out": 0, "candidate_pairs": 0, "verified_pairs": 0, "rejected_pairs": 0}
+    first = np.arange(n, dtype=np.int64)
+    empty = np.zeros(0, np.int64)
+    files = sorted(str(p) for p in Path(directory).glob("*.parquet"))
+    if not files:
+        dedup.adopt(first, empty, empty, np.zeros(0), None, stats)
+        return
+    rows = (rd.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+            .map_batches(_read_sketches, fn_args=(offsets,), batch_size=1, batch_format="numpy").materialize())
+    if cfg.exact:
+        later = _numpy(rows.select_columns(["pos", "k0", "k1"]).groupby(["k0", "k1"], num_partitions=partitions)
+                       .map_groups(_exact_group, batch_format="numpy"), ["pos", "first"])
+        first[later["pos"]] = later["first"]
+    if not cfg.near:
+        dedup.adopt(first, empty, empty, np.zeros(0), None, stats)
+        return
+    repeats = np.sort(np.flatnonzero(first != np.arange(n)))  # shipped once per task (Ray Data puts fn_args)
+    near = rows.map_batches(_eligible, fn_args=(repeats,), batch_format="numpy").materialize()
+    pairs = (near.select_columns(["pos", "bands"]).map_batches(_band_rows, batch_format="numpy")
+             .groupby(["band", "key"], num_partitions=partitions).map_groups(_bucket_pairs, batch_format="numpy")
+             .groupby(["a", "b"], num_partitions=partitions).count()
+             .rename_columns({"count()": "count"}).materialize())
+    if pairs.count() == 0:
+        dedup.adopt(first, empty, empty, np.zeros(0), None, stats)
+        return
+    stats["band_collisions"] = int(pairs.sum("count"))
+    if cfg.screen_margin is not None:
+        screened = _join_side(rd, _join_side(rd, pairs, near, "screen", "a", partitions), near, "screen", "b",
+                              partitions)
+        screened = screened.map_batches(_screen_pairs, fn_args=(cfg.threshold, cfg.screen_margin),
+                                        batch_format="numpy").materialize()
+        out = _numpy(screened, ["count", "ok"])
+        stats["screened_out"] = int(out["count"][~out["ok"]].sum())
+        pairs = screened.map_batches(_passed_screen, batch_format="numpy")
+    verified = _verify(rd, pairs.select_columns(["a", "b"]), near, partitions).materialize()
+    stats["candidate_pairs"] = int(verified.count())
+    edges = _numpy(verified.map_batches(_edges_only, fn_args=(cfg.threshold,), batch_format="numpy"), ["a", "b", "j"])
+    stats["verified_pairs"] = int(len(edges["a"]))
+    stats["rejected_pairs"] = stats["candidate_pairs"] - stats["verified_pairs"]
+
+    def jaccard(x: np.ndarray, y: np.ndarray) -> np.ndarray:  # member and representative with no edge between them
+        asked = rd.from_arrow(pa.table({"a": np.minimum(x, y), "b": np.maximum(x, y), "i": np.arange(len(x))}))
+        got = _numpy(_verify(rd, asked, near, partitions), ["i", "j"])
+        out = np.empty(len(x), dtype=np.float64)
+        out[got["i"]] = got["j"]
+        return out
+
+    dedup.adopt(first, edges["a"], edges["b"], edges["j"], jaccard, stats)
+
+
+def _edges_only(batch: dict[str, np.ndarray], threshold: float) -> dict[str, np.ndarray]:
+    keep = is_edge(batch["j"], threshold)
+    return {k: batch[k][keep] for k in ("a", "b", "j")}
+
+
+def _verify(rd: Any, pairs: Any, near: Any, partitions: int) -> Any:
+    """``pairs`` with ``j``, the exact Jaccard of each pair's shingle sets."""
+    joined = _join_side(rd, _join_side(rd, pairs, near, "sets", "a", partitions), near, "sets", "b", partitions)
+    return joined.map_batches(_jaccard_pairs, batch_format="numpy")
