@@ -142,8 +142,21 @@ def _numpy(ds: Any, columns: list[str]) -> dict[str, np.ndarray]:
 def dedup_on_ray(dedup: Deduplicator, directory: str | Path, offsets: dict[str, int], *, partitions: int = 2) -> None:
     """Run the dedup of the sketches in ``directory`` on the connected Ray cluster and finish ``dedup`` with the
     result (its positions were added with :meth:`~sftdata.clean.dedup.Deduplicator.add_positions`); ``offsets``:
-    each sketch file's first input position."""
-    import ray
+    each sketch file's first input position; ``partitions``: of each group-by and join."""
+
+    from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
+
+    context = DataContext.get_current()
+    saved = context.shuffle_strategy
+    context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED  # group-bys as tasks (joins hash regardless)
+    try:
+        _dedup_on_ray(dedup, directory, offsets, partitions)
+    finally:
+        context.shuffle_strategy = saved
+
+
+def _dedup_on_ray(dedup: Deduplicator, directory: str | Path, offsets: dict[str, int], partitions: int) -> None:
     import ray.data as rd
 
     cfg: DedupConfig = dedup.config
