@@ -7,15 +7,19 @@ tokenizer, max_length 2048.
 
   build        ``sftdata.build`` without dedup: read → render/tokenize with exact masks → truncate → split →
                write. Time = the manifest's data seconds (setup, i.e. tokenizer load and preflight, excluded).
-  dedup        the same build with ``dedup: {}`` minus the build without: what dedup adds to a build (sketching
-               on the workers, the group-bys and joins, the clustering).
-  local        engine local, in-process: one core.
+  dedup        local: ``Deduplicator.add_batch`` over the corpus' records in batches of 1,000, ``finalize``
+               (CPU seconds of this process); ray: the build with ``dedup: {}`` minus the build without, i.e. what
+               dedup adds to a Ray build (sketching on the workers, the group-bys and joins, the clustering).
+  local        engine local, in-process: one core (the tokenizer's threads limited to one).
+  sizes        every figure at two corpus sizes (all rows, every third row): the marginal rate (rows between
+               the sizes / seconds between them) is what more data costs; the intercept is the fixed cost of a
+               run (Ray: actor start-up, shuffle stages), which does not grow with the data.
   ray          engine ray on a local Ray with --cpus CPUs (started once, before the timings): rows/s per core is
                rows/s divided by the CPUs.
   overhead     Ray Data on the same Ray: an identity ``map_batches`` over N one-row batches (task pool, and actor
                pool as the engine runs it): seconds per dataset and milliseconds per batch.
 
-    python bench/bench_scale.py            # about 4 minutes on a 2-core machine
+    python bench/bench_scale.py            # about 6 minutes on a 2-core machine
     python bench/bench_scale.py --quick    # a third of the corpus
 
 On a shared 2-core machine the absolute figures are noise; the per-core ratios are what to quote.
@@ -30,6 +34,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+# one core per process for the tokenizer too (its Rust threads would otherwise make "one core" two): per-core rates
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAYON_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -55,6 +63,19 @@ def timed_build(data: Path, output: Path, **options) -> tuple[float, dict]:
     return manifest["seconds"] - manifest["seconds_setup"], manifest
 
 
+def local_dedup_seconds(data: Path) -> float:
+    from sftdata.clean import Deduplicator
+    from sftdata.ingest import read_records
+
+    batches = list(read_records([str(data)], batch_size=1000))
+    dedup = Deduplicator()
+    started = time.process_time()
+    for batch in batches:
+        dedup.add_batch(batch)
+    dedup.finalize()
+    return time.process_time() - started
+
+
 def overhead(ray, batches: int) -> dict[str, float]:
     import numpy as np
     from ray.data import ActorPoolStrategy
@@ -75,6 +96,19 @@ def overhead(ray, batches: int) -> dict[str, float]:
     return out
 
 
+def measure(records, tmp: Path, label: str) -> tuple[dict[str, float], dict]:
+    data = tmp / f"data-{label}"
+    write_shards(records, data)
+    times: dict[str, float] = {}
+    times["local build"], local = timed_build(data, tmp / f"a-{label}")
+    times["local dedup"] = local_dedup_seconds(data)
+    times["ray build"], remote = timed_build(data, tmp / f"c-{label}", engine="ray")
+    times["ray build+dedup"], remote_dedup = timed_build(data, tmp / f"d-{label}", engine="ray", dedup={})
+    times["ray dedup"] = times["ray build+dedup"] - times["ray build"]
+    assert local["counts"] == remote["counts"] and local["splits"] == remote["splits"], "the engines disagree"
+    return times, remote_dedup["cleaning"]["dedup"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a third of the corpus")
@@ -84,53 +118,50 @@ def main() -> None:
     if args.quick:
         clean = clean[::3]
     records = clean + [p[0] for p in plant(clean, 3000 // (3 if args.quick else 1), seed=2)]
+    small = records[::3]
     import ray
 
-    with tempfile.TemporaryDirectory() as tmpdir:
-        tmp = Path(tmpdir)
-        data = tmp / "data"
-        write_shards(records, data)
-        n = len(records)
-        print(f"corpus: {n:,} rows in 8 JSONL shards; Ray: {args.cpus} CPUs on this machine")
-        times: dict[str, float] = {}
-        times["local build"], local = timed_build(data, tmp / "a")
-        times["local build+dedup"], local_dedup = timed_build(data, tmp / "b", dedup={})
-        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=512 * 1024 * 1024)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        try:
-            build([str(data / "part-00.jsonl")], template="chatml", tokenizer=str(TOKENIZER), output=tmp / "warm", engine="ray",
-                  max_skipped_fraction=1)  # workers' first start (imports) out of the timings
-            times["ray build"], remote = timed_build(data, tmp / "c", engine="ray")
-            times["ray build+dedup"], remote_dedup = timed_build(data, tmp / "d", engine="ray", dedup={})
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, object_store_memory=512 * 1024 * 1024)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        with tempfile.TemporaryDirectory() as tmpdir:
+            tmp = Path(tmpdir)
+            warm = tmp / "warm.jsonl"
+            write_corpus(records[:200], warm)
+            build([str(warm)], template="chatml", tokenizer=str(TOKENIZER), output=tmp / "warm", engine="ray",
+                  dedup={})  # Ray's first start of the workers (imports) out of the timings
+            t_small, _ = measure(small, tmp, "small")
+            t_all, stats = measure(records, tmp, "all")
             costs = overhead(ray, 200)
-        finally:
-            ray.shutdown()
-        for a, b in ((local, remote), (local_dedup, remote_dedup)):
-            assert a["counts"] == b["counts"] and a["splits"] == b["splits"], "the engines disagree"
-        dedup_stats = local_dedup["cleaning"]["dedup"]
-        kept = local["counts"]["rows_kept"]
-        print(f"rows read {n:,}, examples {kept:,}; dedup removed {dedup_stats['removed']}, "
-              f"{dedup_stats['band_collisions']:,} band collisions, {dedup_stats['candidate_pairs']:,} candidates")
-        print()
-        print(f"{'phase':8} {'engine':7} {'cores':>5} {'seconds':>8} {'rows/s':>8} {'rows/s/core':>12} {'per core vs local':>18}")
-        rows = {}
-        for phase, local_s, ray_s in (("build", times["local build"], times["ray build"]),
-                                      ("dedup", times["local build+dedup"] - times["local build"],
-                                       times["ray build+dedup"] - times["ray build"])):
-            for engine, seconds, cores in (("local", local_s, 1), ("ray", ray_s, args.cpus)):
-                rate = n / seconds
-                rows[(phase, engine)] = rate / cores
-                ratio = rows[(phase, engine)] / rows[(phase, "local")]
-                print(f"{phase:8} {engine:7} {cores:5d} {seconds:8.2f} {rate:8,.0f} {rate / cores:12,.0f} {ratio:17.2f}x")
-        print()
-        print("Ray Data scheduling overhead (identity map_batches, one row per batch):")
-        for label in ("tasks", "actors"):
-            one, many = costs[f"{label}:1"], costs[f"{label}:200"]
-            print(f"  {label:6}: {one:5.2f} s for a 1-batch dataset, {(many - one) / 199 * 1000:6.1f} ms per further batch")
-        print(json.dumps({"rows": n, "cpus": args.cpus, "seconds": {k: round(v, 3) for k, v in times.items()},
-                          "rows_per_s_per_core": {f"{p}/{e}": round(v, 1) for (p, e), v in rows.items()},
-                          "overhead_s": {k: round(v, 3) for k, v in costs.items()}}))
+    finally:
+        ray.shutdown()
+    n_small, n = len(small), len(records)
+    print(f"corpus: {n:,} rows (and every third of them, {n_small:,}) in 8 JSONL shards; Ray: {args.cpus} CPUs here")
+    print(f"dedup of the {n:,}: removed {stats['removed']}, {stats['band_collisions']:,} band collisions, "
+          f"{stats['candidate_pairs']:,} candidates, {stats['verified_pairs']:,} verified")
+    print()
+    print("time(N) = fixed + N / (rate x cores): rate from the two sizes (marginal), fixed = the intercept")
+    print(f"{'phase':6} {'engine':7} {'cores':>5} {'s @' + format(n_small, ','):>10} {'s @' + format(n, ','):>10} "
+          f"{'rows/s/core':>12} {'marginal rows/s/core':>21} {'fixed s':>8} {'marginal/core vs local':>23}")
+    rates: dict[str, float] = {}
+    for phase in ("build", "dedup"):
+        for engine, cores in (("local", 1), ("ray", args.cpus)):
+            key = f"{engine} {phase}"
+            a, b = t_small[key], t_all[key]
+            marginal = (n - n_small) / max(b - a, 1e-9) / cores
+            fixed = max(0.0, a - n_small / (marginal * cores))
+            rates[key] = marginal
+            print(f"{phase:6} {engine:7} {cores:5d} {a:10.2f} {b:10.2f} {n / b / cores:12,.0f} {marginal:21,.0f} "
+                  f"{fixed:8.1f} {marginal / rates[f'local {phase}']:22.2f}x")
+    print()
+    print("Ray Data scheduling overhead (identity map_batches, one row per batch):")
+    for label in ("tasks", "actors"):
+        one, many = costs[f"{label}:1"], costs[f"{label}:200"]
+        print(f"  {label:6}: {one:5.2f} s for a 1-batch dataset, {(many - one) / 199 * 1000:6.1f} ms per further batch")
+    print(json.dumps({"rows": [n_small, n], "cpus": args.cpus,
+                      "seconds": {"small": {k: round(v, 3) for k, v in t_small.items()},
+                                  "all": {k: round(v, 3) for k, v in t_all.items()}},
+                      "overhead_s": {k: round(v, 3) for k, v in costs.items()}}))
 
 
 if __name__ == "__main__":
