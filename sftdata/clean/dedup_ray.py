@@ -115,39 +115,45 @@ def _eligible(batch: dict[str, np.ndarray], repeats: np.ndarray) -> dict[str, np
 
 
 def _band_rows(batch: dict[str, np.ndarray], partitions: int) -> dict[str, np.ndarray]:
+    """One row per band of each row: the band, its key, the row's position and its screen bytes (carried along so
+    that a bucket's pairs are screened where they are formed, instead of joining every band collision)."""
     bands = np.stack(batch["bands"]) if len(batch["bands"]) else np.zeros((0, 0), np.uint64)
     n, b = bands.shape
     key = bands.reshape(-1).astype(np.uint64)
-    return {"band": np.tile(np.arange(b, dtype=np.int16), n), "key": key, "pos": np.repeat(batch["pos"], b),
-            "part": _partition_of(key, partitions)}
+    out = {"band": np.tile(np.arange(b, dtype=np.int16), n), "key": key, "pos": np.repeat(batch["pos"], b),
+           "part": _partition_of(key, partitions)}
+    if "screen" in batch:
+        out["screen"] = np.repeat(batch["screen"], b)
+    return out
 
 
-def _bucket_pairs(group: dict[str, np.ndarray], partitions: int) -> dict[str, np.ndarray]:
-    """Every pair ``a < b`` sharing a band bucket, once per bucket (the band group-by, a partition at a time)."""
+def _bucket_pairs(group: dict[str, np.ndarray], partitions: int, threshold: float,
+                  margin: float | None) -> dict[str, np.ndarray]:
+    """Every pair ``a < b`` sharing a band bucket, once per bucket (the band group-by, a partition at a time), with
+    whether it passes the screen (:meth:`~sftdata.clean.minhash.Screen.pairs`, as the local engine screens each
+    band's pairs)."""
     from sftdata.clean.minhash import _pairs_of_runs
 
     order, start, length = _runs(group["pos"], group["key"], group["band"])
     multi = length > 1
-    a, b = _pairs_of_runs(group["pos"][order], start[multi], length[multi])
-    return {"a": a, "b": b, "part": _partition_of(a * 1_000_003 + b, partitions)}
+    i, j = _pairs_of_runs(np.arange(len(order)), start[multi], length[multi])  # indices into the sorted rows
+    pos = group["pos"][order]
+    a, b = pos[i], pos[j]
+    if margin is None or not len(a):
+        ok = np.ones(len(a), dtype=bool)
+    else:
+        width = len(group["screen"][0])
+        screen = Screen(np.frombuffer(b"".join(group["screen"][order]), dtype=np.uint8).reshape(-1, width))
+        ok = screen.pairs(i, j, threshold=threshold, margin=margin)
+    return {"a": a, "b": b, "ok": ok, "part": _partition_of(a * 1_000_003 + b, partitions)}
 
 
 def _count_pairs(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Distinct pairs of the partition, with the number of bands they share."""
-    order, start, length = _runs(np.zeros(len(group["a"]), np.int8), group["b"], group["a"])
-    return {"a": group["a"][order][start], "b": group["b"][order][start], "count": length}
-
-
-def _screen_pairs(batch: dict[str, np.ndarray], threshold: float, margin: float) -> dict[str, np.ndarray]:
-    m = len(batch["a"])
-    rows = np.frombuffer(b"".join(batch["screen_a"]) + b"".join(batch["screen_b"]), dtype=np.uint8)
-    screen = Screen(rows.reshape(2 * m, -1) if m else np.zeros((0, 0), np.uint8))
-    ok = screen.pairs(np.arange(m), np.arange(m, 2 * m), threshold=threshold, margin=margin) if m else np.zeros(0, bool)
-    return {"a": batch["a"], "b": batch["b"], "count": batch["count"], "ok": ok}
-
-
-def _passed_screen(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"a": batch["a"][batch["ok"]], "b": batch["b"][batch["ok"]]}
+    """Distinct pairs of the partition that passed the screen: the candidates."""
+    ok = group["ok"]
+    a, b = group["a"][ok], group["b"][ok]
+    order, start, _ = _runs(np.zeros(len(a), np.int8), b, a)
+    return {"a": a[order][start], "b": b[order][start]}
 
 
 def _jaccard_pairs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -184,12 +190,15 @@ def dedup_on_ray(dedup: Deduplicator, directory: str | Path, offsets: dict[str, 
     from ray.data.context import ShuffleStrategy
 
     context = DataContext.get_current()
-    saved = context.shuffle_strategy
+    saved = context.shuffle_strategy, context.join_operator_actor_num_cpus_override
     context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED  # group-bys as tasks (joins hash regardless)
+    # a join's aggregator actors otherwise reserve CPUs: on a small cluster they wait for each other's (measured:
+    # 13 s for a join of 17k rows on 2 CPUs); their work is Arrow hash joins, not Python
+    context.join_operator_actor_num_cpus_override = 0.1
     try:
         _dedup_on_ray(dedup, directory, offsets, partitions)
     finally:
-        context.shuffle_strategy = saved
+        context.shuffle_strategy, context.join_operator_actor_num_cpus_override = saved
 
 
 def _dedup_on_ray(dedup: Deduplicator, directory: str | Path, offsets: dict[str, int], partitions: int) -> None:
@@ -216,35 +225,48 @@ def _dedup_on_ray(dedup: Deduplicator, directory: str | Path, offsets: dict[str,
         return
     repeats = np.sort(np.flatnonzero(first != np.arange(n)))  # shipped once per task (Ray Data puts fn_args)
     near = rows.map_batches(_eligible, fn_args=(repeats,), batch_format="numpy").materialize()
-    pairs = (near.select_columns(["pos", "bands"]).map_batches(_band_rows, fn_args=(partitions,), batch_format="numpy")
-             .groupby("part").map_groups(_bucket_pairs, fn_args=(partitions,), batch_format="numpy")
-             .groupby("part").map_groups(_count_pairs, batch_format="numpy").materialize())
+    columns = ["pos", "bands"] + (["screen"] if cfg.screen_margin is not None else [])
+    collisions = (near.select_columns(columns).map_batches(_band_rows, fn_args=(partitions,), batch_format="numpy")
+                  .groupby("part").map_groups(_bucket_pairs, batch_format="numpy",
+                                              fn_args=(partitions, cfg.threshold, cfg.screen_margin))
+                  .materialize())
+    stats["band_collisions"] = int(collisions.count())
+    if stats["band_collisions"]:
+        stats["screened_out"] = stats["band_collisions"] - int(collisions.sum("ok"))
+    pairs = collisions.groupby("part").map_groups(_count_pairs, batch_format="numpy").materialize()
     if pairs.count() == 0:
         dedup.adopt(first, empty, empty, np.zeros(0), None, stats)
         return
-    stats["band_collisions"] = int(pairs.sum("count"))
-    if cfg.screen_margin is not None:
-        screened = _join_side(rd, _join_side(rd, pairs, near, "screen", "a", partitions), near, "screen", "b",
-                              partitions)
-        screened = screened.map_batches(_screen_pairs, fn_args=(cfg.threshold, cfg.screen_margin),
-                                        batch_format="numpy").materialize()
-        out = _numpy(screened, ["count", "ok"])
-        stats["screened_out"] = int(out["count"][~out["ok"]].sum())
-        pairs = screened.map_batches(_passed_screen, batch_format="numpy")
-    verified = _verify(rd, pairs.select_columns(["a", "b"]), near, partitions).materialize()
+    verified = _verify(rd, pairs, near, partitions).materialize()
     stats["candidate_pairs"] = int(verified.count())
     edges = _numpy(verified.map_batches(_edges_only, fn_args=(cfg.threshold,), batch_format="numpy"), ["a", "b", "j"])
     stats["verified_pairs"] = int(len(edges["a"]))
     stats["rejected_pairs"] = stats["candidate_pairs"] - stats["verified_pairs"]
 
-    def jaccard(x: np.ndarray, y: np.ndarray) -> np.ndarray:  # member and representative with no edge between them
-        asked = rd.from_arrow(pa.table({"a": np.minimum(x, y), "b": np.maximum(x, y), "i": np.arange(len(x))}))
-        got = _numpy(_verify(rd, asked, near, partitions), ["i", "j"])
-        out = np.empty(len(x), dtype=np.float64)
-        out[got["i"]] = got["j"]
-        return out
+    def jaccard(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Members and representatives with no edge between them (chains: few): their sets are gathered and the
+        pairs verified here, with the same functions."""
+        wanted = np.unique(np.concatenate([x, y]))
+        pos, sets = [], []
+        for batch in near.map_batches(_rows_in, fn_args=(wanted,), batch_format="numpy").iter_batches(
+                batch_format="numpy", batch_size=None):
+            pos.append(batch["pos"])
+            sets.extend(batch["sets"])  # rows of a 2-D array or arrays of an object array: each a 1-D array
+        pos = np.concatenate(pos)
+        order = np.argsort(pos)
+        lengths = np.array([len(sets[k]) for k in order], dtype=np.int64)
+        offsets = np.zeros(len(order) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        values = np.concatenate([np.asarray(sets[k], dtype=np.int64) for k in order])
+        return pair_jaccard(set_matrix(values, offsets), np.searchsorted(pos[order], x),
+                            np.searchsorted(pos[order], y))
 
     dedup.adopt(first, edges["a"], edges["b"], edges["j"], jaccard, stats)
+
+
+def _rows_in(batch: dict[str, np.ndarray], wanted: np.ndarray) -> dict[str, np.ndarray]:
+    keep = np.isin(batch["pos"], wanted)
+    return {"pos": batch["pos"][keep], "sets": batch["sets"][keep]}
 
 
 def _edges_only(batch: dict[str, np.ndarray], threshold: float) -> dict[str, np.ndarray]:
