@@ -53,7 +53,8 @@ def write_sketch(path: Path, sketch: BatchSketch) -> int:
         "tokens": pa.array(sketch.has_tokens),
         "bands": pa.FixedSizeListArray.from_arrays(pa.array(sketch.band_keys.reshape(-1)), sketch.band_keys.shape[1])
         if sketch.band_keys.shape[1] else pa.nulls(n, pa.list_(pa.uint64())),
-        "screen": pa.array([row.tobytes() for row in sketch.screen], pa.binary()),
+        "screen": pa.FixedSizeListArray.from_arrays(pa.array(sketch.screen.reshape(-1)), sketch.screen.shape[1])
+        if sketch.screen.shape[1] else pa.nulls(n, pa.list_(pa.uint8())),
         "sets": pa.ListArray.from_arrays(offsets, pa.array(sketch.sets)),
     })
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
@@ -108,10 +109,22 @@ def _exact_partition(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"pos": pos[order][later], "first": first[later]}
 
 
-def _eligible(batch: dict[str, np.ndarray], repeats: np.ndarray) -> dict[str, np.ndarray]:
+# Steps that touch the shingle sets work on Arrow batches: list<int64> columns stay flat values + offsets (a numpy
+# batch would turn them into one Python object per row).
+
+def _eligible(batch: pa.Table, repeats: np.ndarray) -> pa.Table:
     """Rows that may be near duplicates: with tokens and the first of their exact group."""
-    keep = batch["tokens"] & ~np.isin(batch["pos"], repeats)
-    return {k: v[keep] for k, v in batch.items()}
+    keep = batch["tokens"].to_numpy(zero_copy_only=False) & ~np.isin(batch["pos"].to_numpy(), repeats)
+    return batch.filter(pa.array(keep))
+
+
+def _flat_sets(column: Any) -> tuple[np.ndarray, np.ndarray]:
+    """An Arrow list<int64> column as ``(values, offsets)`` for :func:`~sftdata.clean.pairs.set_matrix`."""
+    lists = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lengths = pa.compute.list_value_length(lists).fill_null(0).to_numpy().astype(np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.compute.list_flatten(lists).to_numpy().astype(np.int64), offsets
 
 
 def _band_rows(batch: dict[str, np.ndarray], partitions: int) -> dict[str, np.ndarray]:
@@ -123,7 +136,7 @@ def _band_rows(batch: dict[str, np.ndarray], partitions: int) -> dict[str, np.nd
     out = {"band": np.tile(np.arange(b, dtype=np.int16), n), "key": key, "pos": np.repeat(batch["pos"], b),
            "part": _partition_of(key, partitions)}
     if "screen" in batch:
-        out["screen"] = np.repeat(batch["screen"], b)
+        out["screen"] = np.repeat(np.stack(batch["screen"]), b, axis=0)
     return out
 
 
@@ -142,8 +155,7 @@ def _bucket_pairs(group: dict[str, np.ndarray], partitions: int, threshold: floa
     if margin is None or not len(a):
         ok = np.ones(len(a), dtype=bool)
     else:
-        width = len(group["screen"][0])
-        screen = Screen(np.frombuffer(b"".join(group["screen"][order]), dtype=np.uint8).reshape(-1, width))
+        screen = Screen(np.ascontiguousarray(np.stack(group["screen"])[order], dtype=np.uint8))
         ok = screen.pairs(i, j, threshold=threshold, margin=margin)
     return {"a": a, "b": b, "ok": ok, "part": _partition_of(a * 1_000_003 + b, partitions)}
 
@@ -156,15 +168,14 @@ def _count_pairs(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"a": a[order][start], "b": b[order][start]}
 
 
-def _jaccard_pairs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    m = len(batch["a"])
-    sets = list(batch["sets_a"]) + list(batch["sets_b"])
-    lengths = np.array([len(s) for s in sets], dtype=np.int64)
-    offsets = np.zeros(len(sets) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate(sets).astype(np.int64) if sets else np.zeros(0, np.int64)
-    j = pair_jaccard(set_matrix(values, offsets), np.arange(m), np.arange(m, 2 * m)) if m else np.zeros(0)
-    return {**{k: v for k, v in batch.items() if k not in ("sets_a", "sets_b")}, "j": j}
+def _jaccard_pairs(batch: pa.Table) -> pa.Table:
+    """The exact Jaccard of each pair's two shingle sets (columns ``sets_a``, ``sets_b``), as column ``j``."""
+    m = batch.num_rows
+    va, oa = _flat_sets(batch["sets_a"])
+    vb, ob = _flat_sets(batch["sets_b"])
+    sets = set_matrix(np.concatenate([va, vb]), np.concatenate([oa, ob[1:] + oa[-1]]))
+    j = pair_jaccard(sets, np.arange(m), np.arange(m, 2 * m)) if m else np.zeros(0)
+    return batch.drop_columns(["sets_a", "sets_b"]).append_column("j", pa.array(j, pa.float64()))
 
 
 def _join_side(ray_data: Any, pairs: Any, rows: Any, column: str, side: str, partitions: int) -> Any:
@@ -224,7 +235,7 @@ def _dedup_on_ray(dedup: Deduplicator, directory: str | Path, offsets: dict[str,
         dedup.adopt(first, empty, empty, np.zeros(0), None, stats)
         return
     repeats = np.sort(np.flatnonzero(first != np.arange(n)))  # shipped once per task (Ray Data puts fn_args)
-    near = rows.map_batches(_eligible, fn_args=(repeats,), batch_format="numpy").materialize()
+    near = rows.map_batches(_eligible, fn_args=(repeats,), batch_format="pyarrow").materialize()
     columns = ["pos", "bands"] + (["screen"] if cfg.screen_margin is not None else [])
     collisions = (near.select_columns(columns).map_batches(_band_rows, fn_args=(partitions,), batch_format="numpy")
                   .groupby("part").map_groups(_bucket_pairs, batch_format="numpy",
@@ -247,26 +258,18 @@ def _dedup_on_ray(dedup: Deduplicator, directory: str | Path, offsets: dict[str,
         """Members and representatives with no edge between them (chains: few): their sets are gathered and the
         pairs verified here, with the same functions."""
         wanted = np.unique(np.concatenate([x, y]))
-        pos, sets = [], []
-        for batch in near.map_batches(_rows_in, fn_args=(wanted,), batch_format="numpy").iter_batches(
-                batch_format="numpy", batch_size=None):
-            pos.append(batch["pos"])
-            sets.extend(batch["sets"])  # rows of a 2-D array or arrays of an object array: each a 1-D array
-        pos = np.concatenate(pos)
-        order = np.argsort(pos)
-        lengths = np.array([len(sets[k]) for k in order], dtype=np.int64)
-        offsets = np.zeros(len(order) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        values = np.concatenate([np.asarray(sets[k], dtype=np.int64) for k in order])
-        return pair_jaccard(set_matrix(values, offsets), np.searchsorted(pos[order], x),
-                            np.searchsorted(pos[order], y))
+        tables = list(near.map_batches(_rows_in, fn_args=(wanted,), batch_format="pyarrow")
+                      .iter_batches(batch_format="pyarrow", batch_size=None))
+        table = pa.concat_tables(tables).sort_by("pos")
+        pos = table["pos"].to_numpy()
+        sets = set_matrix(*_flat_sets(table["sets"]))
+        return pair_jaccard(sets, np.searchsorted(pos, x), np.searchsorted(pos, y))
 
     dedup.adopt(first, edges["a"], edges["b"], edges["j"], jaccard, stats)
 
 
-def _rows_in(batch: dict[str, np.ndarray], wanted: np.ndarray) -> dict[str, np.ndarray]:
-    keep = np.isin(batch["pos"], wanted)
-    return {"pos": batch["pos"][keep], "sets": batch["sets"][keep]}
+def _rows_in(batch: pa.Table, wanted: np.ndarray) -> pa.Table:
+    return batch.select(["pos", "sets"]).filter(pa.array(np.isin(batch["pos"].to_numpy(), wanted)))
 
 
 def _edges_only(batch: dict[str, np.ndarray], threshold: float) -> dict[str, np.ndarray]:
@@ -277,4 +280,4 @@ def _edges_only(batch: dict[str, np.ndarray], threshold: float) -> dict[str, np.
 def _verify(rd: Any, pairs: Any, near: Any, partitions: int) -> Any:
     """``pairs`` with ``j``, the exact Jaccard of each pair's shingle sets."""
     joined = _join_side(rd, _join_side(rd, pairs, near, "sets", "a", partitions), near, "sets", "b", partitions)
-    return joined.map_batches(_jaccard_pairs, batch_format="numpy")
+    return joined.map_batches(_jaccard_pairs, batch_format="pyarrow")
