@@ -9,7 +9,8 @@ tokenizer, max_length 2048.
                write. Time = the manifest's data seconds (setup, i.e. tokenizer load and preflight, excluded).
   dedup        local: ``Deduplicator.add_batch`` over the corpus' records in batches of 1,000, ``finalize``
                (CPU seconds of this process); ray: the build with ``dedup: {}`` minus the build without, i.e. what
-               dedup adds to a Ray build (sketching on the workers, the group-bys and joins, the clustering).
+               dedup adds to a Ray build (sketching on the workers, the group-bys and joins, the clustering);
+               ray-driver: the same with ``ray_dedup: driver`` (sketches on the workers, clustering on the driver).
   local        engine local, in-process: one core (the tokenizer's threads limited to one).
   sizes        every figure at two corpus sizes (all rows, every third row): the marginal rate (rows between
                the sizes / seconds between them) is what more data costs; the intercept is the fixed cost of a
@@ -105,6 +106,9 @@ def measure(records, tmp: Path, label: str) -> tuple[dict[str, float], dict]:
     times["ray build"], remote = timed_build(data, tmp / f"c-{label}", engine="ray")
     times["ray build+dedup"], remote_dedup = timed_build(data, tmp / f"d-{label}", engine="ray", dedup={})
     times["ray dedup"] = times["ray build+dedup"] - times["ray build"]
+    times["ray build+dedup on the driver"], _ = timed_build(data, tmp / f"e-{label}", engine="ray", dedup={},
+                                                            ray_dedup="driver")
+    times["ray-driver dedup"] = times["ray build+dedup on the driver"] - times["ray build"]
     assert local["counts"] == remote["counts"] and local["splits"] == remote["splits"], "the engines disagree"
     return times, remote_dedup["cleaning"]["dedup"]
 
@@ -145,7 +149,8 @@ def main() -> None:
           f"{'rows/s/core':>12} {'marginal rows/s/core':>21} {'fixed s':>8} {'marginal/core vs local':>23}")
     rates: dict[str, float] = {}
     for phase in ("build", "dedup"):
-        for engine, cores in (("local", 1), ("ray", args.cpus)):
+        for engine, cores in (("local", 1), ("ray", args.cpus)) + ((("ray-driver", args.cpus),) if phase == "dedup"
+                                                                    else ()):
             key = f"{engine} {phase}"
             a, b = t_small[key], t_all[key]
             marginal = (n - n_small) / max(b - a, 1e-9) / cores

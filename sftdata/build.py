@@ -345,11 +345,12 @@ class _Run:
             for path in paths:
                 shards.append(ReadShard(len(shards), origin, path, options, label))
         dedup = self.dedup_stage.config if self.dedup_stage is not None else None
+        on_cluster = dedup is not None and self.recipe.ray_dedup == "cluster"
         sketch_dir = self.tmp / ".dedup-sketches"  # in the staging directory: where the output goes, every node's
-        if dedup is not None:
+        if on_cluster:
             sketch_dir.mkdir()
         for part in run_on_ray(self.pipeline, shards, address=self.recipe.ray_address, dedup=dedup,
-                               sketch_dir=str(sketch_dir) if dedup is not None else None):
+                               sketch_dir=str(sketch_dir) if on_cluster else None):
             self.problems.extend(part.problems)  # ingest problems, as read_records logs them before its batch
             if part.error is not None:
                 raise part.error
@@ -357,11 +358,13 @@ class _Run:
             if part.output is not None:
                 self.bar.rows(part.rows)
                 self._merge(part.origin, [], part.output)
-                if dedup is not None and part.positions:
+                if on_cluster and part.positions:
                     from sftdata.clean.dedup_ray import sketch_file
 
                     self.sketch_offsets[sketch_file(sketch_dir, part.shard, part.seq).name] = self.dedup_stage.rows_seen
                     self.dedup_stage.add_positions(part.positions)
+                elif dedup is not None and part.positions:  # ray_dedup: driver, the sketch came with the part
+                    self.dedup_stage.add_sketch(part.positions, part.sketch)
             for s in part.stats:
                 self.stats.append(s)
                 self.stats_origin.append(part.origin)
@@ -404,12 +407,13 @@ class _Run:
         if stage is None:
             return set()
         self.bar.start("dedup", 0)
-        if self.recipe.engine == "ray":
+        if self.recipe.engine == "ray" and self.recipe.ray_dedup == "cluster":
             from sftdata.clean.dedup_ray import dedup_on_ray
-            from sftdata.engine_ray import cluster_cpus
 
             sketches = self.tmp / ".dedup-sketches"
-            partitions = max(1, min(cluster_cpus(), stage.rows_seen // 200_000))  # small inputs: fewer shuffle tasks
+            # a partition of the band group-by holds ~1M band rows (50k input rows): 2.5-2.9 GB peak RSS measured
+            # for that task (docs/scale.md); fewer partitions than CPUs only when the input is small
+            partitions = max(1, stage.rows_seen // 50_000)
             dedup_on_ray(stage, sketches, self.sketch_offsets, partitions=partitions)
             shutil.rmtree(sketches)
         stage.finalize()

@@ -123,6 +123,10 @@ class Recipe:
                      choices=("local", "ray"))
     ray_address: str | None = _f(None, "Ray cluster to connect to: auto (the `ray start` cluster of this machine) or "
                                        "HOST:PORT (default: a local Ray started for the build).")
+    ray_dedup: str = _f("cluster", "Engine ray: where dedup clusters the sketches the workers compute: on the cluster "
+                                   "(Ray Data group-bys and joins) or on the driver (in-process, far cheaper per core "
+                                   "while the sketches fit one machine: docs/scale.md). The output is the same.",
+                        choices=("cluster", "driver"))
     workers: int = _f(1, "Encoder processes of the local engine (1 = in-process).")
     batch_size: int = _f(1000, "Rows per batch.")
     train: dict[str, Any] | None = _f(None, "The `sftdata train` settings (read by `sftdata train --config`).")
@@ -179,7 +183,7 @@ class Recipe:
     def fingerprint_dict(self) -> dict[str, Any]:
         """The fields that change what a build writes (not where it goes, how it runs or what it reports)."""
         out = self.to_dict()
-        for key in ("output", "report", "engine", "ray_address", "workers", "batch_size", "train"):
+        for key in ("output", "report", "engine", "ray_address", "ray_dedup", "workers", "batch_size", "train"):
             out.pop(key, None)
         for s in out["sources"]:
             s.pop("path", None)  # inputs are fingerprinted by content, not by name

@@ -109,7 +109,7 @@ def assert_same_build(local: Path, other: Path) -> dict:
         for key in VOLATILE:
             m.pop(key)
         for section in ("recipe", "options"):
-            for key in ("engine", "ray_address", "output"):
+            for key in ("engine", "ray_address", "ray_dedup", "output"):
                 m[section].pop(key)
     assert a == b  # every count, the fingerprint, the dedup summary, the splits, the file hashes
     for split in a["splits"]:
@@ -193,8 +193,9 @@ def test_distributed_dedup_decides_what_the_local_dedup_decides(local_cluster, t
 
 
 def test_a_worker_killed_mid_build_is_retried_and_the_output_is_the_same(corpus, local_build, local_cluster, tmp_path):
+    """Also with ray_dedup: driver (the workers' sketches clustered in-process): the same output again."""
     local_cluster.write_text("")
-    build(recipe_for(corpus, tmp_path / "ray", engine="ray"))
+    build(recipe_for(corpus, tmp_path / "ray", engine="ray", ray_dedup="driver"))
     assert not local_cluster.exists()  # a worker did die
     assert_same_build(local_build, tmp_path / "ray")
 

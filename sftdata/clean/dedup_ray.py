@@ -6,16 +6,20 @@ directory); the driver only learns how many rows each file holds, so it can numb
 (:func:`dedup_on_ray`):
 
 1. **exact**: a group-by on the 128-bit exact key; each group's rows point at its smallest position;
-2. **band group-by**: each row that may be a near duplicate (it has tokens and is the first of its exact group)
-   becomes one ``(band, key, position)`` row per band; a group-by on ``(band, key)`` emits every pair of a bucket;
-3. **screen**: the pairs are counted (a pair sharing several bands is one candidate), joined with the screen bytes
-   of both rows and screened by their MinHash estimate (:class:`~sftdata.clean.minhash.Screen`);
-4. **verify**: the surviving pairs are joined with the shingle sets of both rows and verified by exact Jaccard
+2. **band group-by and screen**: each row that may be a near duplicate (it has tokens and is the first of its exact
+   group) becomes one ``(band, key, position, screen bytes)`` row per band; a group-by on the band key forms every
+   pair of a bucket and screens it by its MinHash estimate (:class:`~sftdata.clean.minhash.Screen`) right there, as
+   the local engine screens each band's pairs;
+3. **candidates**: a group-by on the pair: the distinct pairs that passed the screen;
+4. **verify**: the candidates are joined with the shingle sets of both rows and verified by exact Jaccard
    (:func:`~sftdata.clean.pairs.pair_jaccard`);
 5. **components**: the verified edges (few: one per near-duplicate link) are gathered by the driver, which labels
    connected components by min-label propagation and fills in the keep set (:meth:`Deduplicator.adopt
    <sftdata.clean.dedup.Deduplicator.adopt>`), exactly as the local engine does with the same functions; the
-   Jaccard of a member and its representative that share no edge is computed on the cluster.
+   Jaccard of a member and its representative that share no edge (chains: few) is computed from the gathered sets
+   of those rows.
+
+Group-bys shuffle rows by a coarse partition id and group each partition with numpy (see below).
 
 Every statistic (band collisions, screened out, candidates, verified, rejected) and every decision equals the local
 one; ``tests/test_engine_ray.py`` checks it.
@@ -178,7 +182,7 @@ def _jaccard_pairs(batch: pa.Table) -> pa.Table:
     return batch.drop_columns(["sets_a", "sets_b"]).append_column("j", pa.array(j, pa.float64()))
 
 
-def _join_side(ray_data: Any, pairs: Any, rows: Any, column: str, side: str, partitions: int) -> Any:
+def _join_side(pairs: Any, rows: Any, column: str, side: str, partitions: int) -> Any:
     """``pairs`` with ``column`` of row ``side`` (a or b) joined on as ``<column>_<side>``."""
     right = rows.select_columns(["pos", column]).rename_columns({"pos": side, column: f"{column}_{side}"})
     return pairs.join(right, join_type="inner", num_partitions=partitions, on=(side,))
@@ -248,7 +252,7 @@ def _dedup_on_ray(dedup: Deduplicator, directory: str | Path, offsets: dict[str,
     if pairs.count() == 0:
         dedup.adopt(first, empty, empty, np.zeros(0), None, stats)
         return
-    verified = _verify(rd, pairs, near, partitions).materialize()
+    verified = _verify(pairs, near, partitions).materialize()
     stats["candidate_pairs"] = int(verified.count())
     edges = _numpy(verified.map_batches(_edges_only, fn_args=(cfg.threshold,), batch_format="numpy"), ["a", "b", "j"])
     stats["verified_pairs"] = int(len(edges["a"]))
@@ -277,7 +281,7 @@ def _edges_only(batch: dict[str, np.ndarray], threshold: float) -> dict[str, np.
     return {k: batch[k][keep] for k in ("a", "b", "j")}
 
 
-def _verify(rd: Any, pairs: Any, near: Any, partitions: int) -> Any:
+def _verify(pairs: Any, near: Any, partitions: int) -> Any:
     """``pairs`` with ``j``, the exact Jaccard of each pair's shingle sets."""
-    joined = _join_side(rd, _join_side(rd, pairs, near, "sets", "a", partitions), near, "sets", "b", partitions)
+    joined = _join_side(_join_side(pairs, near, "sets", "a", partitions), near, "sets", "b", partitions)
     return joined.map_batches(_jaccard_pairs, batch_format="pyarrow")
