@@ -145,7 +145,7 @@ def main() -> None:
           f"{stats['candidate_pairs']:,} candidates, {stats['verified_pairs']:,} verified")
     print()
     print("time(N) = fixed + N / (rate x cores): rate from the two sizes (marginal), fixed = the intercept")
-    print(f"{'phase':6} {'engine':7} {'cores':>5} {'s @' + format(n_small, ','):>10} {'s @' + format(n, ','):>10} "
+    print(f"{'phase':6} {'engine':10} {'cores':>5} {'s @' + format(n_small, ','):>10} {'s @' + format(n, ','):>10} "
           f"{'rows/s/core':>12} {'marginal rows/s/core':>21} {'fixed s':>8} {'marginal/core vs local':>23}")
     rates: dict[str, float] = {}
     for phase in ("build", "dedup"):
@@ -156,7 +156,7 @@ def main() -> None:
             marginal = (n - n_small) / max(b - a, 1e-9) / cores
             fixed = max(0.0, a - n_small / (marginal * cores))
             rates[key] = marginal
-            print(f"{phase:6} {engine:7} {cores:5d} {a:10.2f} {b:10.2f} {n / b / cores:12,.0f} {marginal:21,.0f} "
+            print(f"{phase:6} {engine:10} {cores:5d} {a:10.2f} {b:10.2f} {n / b / cores:12,.0f} {marginal:21,.0f} "
                   f"{fixed:8.1f} {marginal / rates[f'local {phase}']:22.2f}x")
     print()
     print("Ray Data scheduling overhead (identity map_batches, one row per batch):")
