@@ -9,12 +9,13 @@
   builds one :class:`~sftdata.pipeline.RowPipeline` from the recipe's picklable spec when it starts, with the loaded
   tokenizer and the eval index (decontamination) shipped once through the object store, and runs
   ``RowPipeline.process`` on every batch it is given; for dedup it also computes the batch's MinHash sketch
-  (:func:`~sftdata.clean.dedup.sketch_batch`: exact keys, band keys, screen bytes, shingle sets) there.
+  (:func:`~sftdata.clean.dedup.sketch_batch`: exact keys, band keys, screen bytes, shingle sets) there and writes
+  it for the distributed dedup (:mod:`sftdata.clean.dedup_ray`), or sends it back with the results
+  (``ray_dedup: driver``).
 * **Merge** (the driver): the results come back in input order (``preserve_order``) and go through the local
   engine's merge (``_Run._merge`` in :mod:`sftdata.build`): one problems file, one removals file, one set of counters,
-  one manifest. Dedup clustering (band group-by, screening, exact Jaccard, components) then runs on the driver over
-  the gathered sketches with the local code, and phases 2-3 (splits, mixing, packing, writing) are the local ones:
-  see docs/scale.md for what that costs and how far it goes.
+  one manifest. Phase 3 (splits, mixing, packing, writing) is the local one: see docs/scale.md for what runs where,
+  what it costs and how far it goes.
 
 Ray retries a read task, and restarts an actor and re-sends its batch, when a worker dies: every step is a pure
 function of its input, so a retried batch gives the same result.
@@ -210,7 +211,8 @@ def run_on_ray(pipeline: RowPipeline, shards: Iterable[ReadShard], *, address: s
         context.execution_options.preserve_order = True  # the merge, hence every output file, is in input order
         context.enable_progress_bars = False
         tokenizer = pipeline.encoder.tokenizer
-        shipped = ray.put((pipeline.spec, tokenizer, pipeline.stages[1], dedup, sketch_dir))  # once, through the object store
+        # the loaded tokenizer and the decontamination index go to the object store once; each actor fetches them
+        shipped = ray.put((pipeline.spec, tokenizer, pipeline.stages[1], dedup, sketch_dir))
         size = workers or cluster_cpus()
         ds = ray.data.from_items([{"shard": pickle.dumps(s, protocol=5)} for s in shards],
                                  override_num_blocks=max(1, len(shards)))
