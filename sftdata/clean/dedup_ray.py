@@ -205,15 +205,12 @@ def dedup_on_ray(dedup: Deduplicator, directory: str | Path, offsets: dict[str, 
     from ray.data.context import ShuffleStrategy
 
     context = DataContext.get_current()
-    saved = context.shuffle_strategy, context.join_operator_actor_num_cpus_override
+    saved = context.shuffle_strategy
     context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED  # group-bys as tasks (joins hash regardless)
-    # a join's aggregator actors otherwise reserve CPUs: on a small cluster they wait for each other's (measured:
-    # 13 s for a join of 17k rows on 2 CPUs); their work is Arrow hash joins, not Python
-    context.join_operator_actor_num_cpus_override = 0.1
     try:
         _dedup_on_ray(dedup, directory, offsets, partitions)
     finally:
-        context.shuffle_strategy, context.join_operator_actor_num_cpus_override = saved
+        context.shuffle_strategy = saved
 
 
 def _dedup_on_ray(dedup: Deduplicator, directory: str | Path, offsets: dict[str, int], partitions: int) -> None:
