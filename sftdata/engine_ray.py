@@ -162,8 +162,8 @@ def connect(address: str | None) -> bool:
         return False
     if address:
         ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+    else:  # "local": a new Ray even when a `ray start` cluster runs here (that one is --ray-address auto)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     return True
 
 

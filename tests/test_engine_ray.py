@@ -127,7 +127,7 @@ def local_cluster(tmp_path_factory):
     marker = tmp_path_factory.mktemp("crash") / "crash-next-batch"
     env = {"SFTDATA_TEST_CRASH_MARKER": str(marker),
            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")])}
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=OBJECT_STORE, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=OBJECT_STORE, log_to_driver=False,
              runtime_env={"env_vars": env, "worker_process_setup_hook": "ray_hooks.crash_once_on_marker"})
     yield marker
     ray.shutdown()
@@ -233,9 +233,11 @@ def test_two_node_cluster_started_with_ray_start(corpus, local_build, local_clus
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     ray_bin = Path(sys.executable).with_name("ray")
     common = ["--num-cpus=1", "--disable-usage-stats", f"--object-store-memory={OBJECT_STORE}"]
+    session = None
     try:
         subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
                         "--include-dashboard=false", *common], env=env, check=True, capture_output=True, timeout=120)
+        session = Path(os.path.realpath("/tmp/ray/session_latest")).name  # both nodes' processes name it
         subprocess.run([ray_bin, "start", f"--address={address}", "--node-ip-address=127.0.0.1", *common], env=env,
                        check=True, capture_output=True, timeout=120)
         ray.init(address=address, log_to_driver=False)  # the build uses this connection (and leaves it open)
@@ -245,4 +247,20 @@ def test_two_node_cluster_started_with_ray_start(corpus, local_build, local_clus
         assert_same_build(local_build, tmp_path / "ray")
     finally:
         ray.shutdown()
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_cluster(session, port)
+
+
+def _stop_cluster(session: str | None, port: int) -> None:
+    """Stop the processes of the cluster this test started, by id (`ray stop` would stop every Ray on the machine)."""
+    import psutil  # a Ray dependency
+
+    if session:
+        ours = [p for p in psutil.process_iter(["cmdline"]) if session in " ".join(p.info["cmdline"] or [])]
+        for p in ours:
+            p.terminate()
+        _, alive = psutil.wait_procs(ours, timeout=20)
+        for p in alive:
+            p.kill()
+    current = Path("/tmp/ray/ray_current_cluster")  # what `ray start --head` registers for `address="auto"`
+    if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+        current.unlink()
