@@ -23,6 +23,7 @@ function of its input, so a retried batch gives the same result.
 
 from __future__ import annotations
 
+import logging
 import pickle
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
@@ -158,12 +159,16 @@ def connect(address: str | None) -> bool:
     """Connect to the cluster at ``address`` (``auto``: the one ``ray start`` runs on this machine), or start a
     local one; an already initialized Ray is used as it is. True when this call started it (the caller shuts it down)."""
     ray = _ray()
+    # Ray Data logs every dataset's plan and progress at INFO: the build's own progress lines say what runs
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     if ray.is_initialized():
         return False
+    quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, **quiet)
     else:  # "local": a new Ray even when a `ray start` cluster runs here (that one is --ray-address auto)
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, **quiet)
     return True
 
 

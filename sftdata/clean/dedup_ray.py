@@ -205,12 +205,13 @@ def dedup_on_ray(dedup: Deduplicator, directory: str | Path, offsets: dict[str, 
     from ray.data.context import ShuffleStrategy
 
     context = DataContext.get_current()
-    saved = context.shuffle_strategy
+    saved = context.shuffle_strategy, context.enable_progress_bars
     context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED  # group-bys as tasks (joins hash regardless)
+    context.enable_progress_bars = False
     try:
         _dedup_on_ray(dedup, directory, offsets, partitions)
     finally:
-        context.shuffle_strategy = saved
+        context.shuffle_strategy, context.enable_progress_bars = saved
 
 
 def _dedup_on_ray(dedup: Deduplicator, directory: str | Path, offsets: dict[str, int], partitions: int) -> None:
