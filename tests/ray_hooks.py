@@ -1,20 +1,32 @@
-"""Ray worker setup hook for tests/test_engine_ray.py (imported by every Ray worker of the test cluster).
+"""Ray worker setup hook for tests/test_engine_ray.py (run by every Ray worker of the test's local cluster).
 
-When ``SFTDATA_TEST_CRASH_MARKER`` names a file that exists, the first ``RowPipeline.process`` call in any worker
-removes it and kills its process (``os._exit``: no exception, no cleanup), as a crashed machine would; Ray then
-restarts the actor and re-sends the batch."""
+* The workers must get the tokenizer and the decontamination index from the object store, never build them again
+  from files (which a worker on another machine may not have): loading a tokenizer or building a ``Decontaminator``
+  in a worker raises.
+* When ``SFTDATA_TEST_CRASH_MARKER`` names a file that exists, the first ``RowPipeline.process`` call in any worker
+  removes it and kills its process (``os._exit``: no exception, no cleanup), as a crashed machine would; Ray then
+  restarts the actor and re-sends the batch.
+"""
 
 from __future__ import annotations
 
 import os
 
 
-def crash_once_on_marker() -> None:
+def install() -> None:
+    import sftdata.tokenizer
+    from sftdata.clean.decontaminate import Decontaminator
+    from sftdata.pipeline import RowPipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Ray worker built what the driver ships through the object store")
+
+    sftdata.tokenizer.load_tokenizer = refuse
+    Decontaminator.__init__ = refuse
+
     marker = os.environ.get("SFTDATA_TEST_CRASH_MARKER")
     if not marker:
         return
-    from sftdata.pipeline import RowPipeline
-
     process = RowPipeline.process
 
     def process_or_die(self, records, origin=0):

@@ -123,12 +123,13 @@ def assert_same_build(local: Path, other: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def local_cluster(tmp_path_factory):
-    """A two-CPU Ray started by the test; its workers run tests/ray_hooks.py (a crash on demand)."""
+    """A two-CPU Ray started by the test; its workers run tests/ray_hooks.py (nothing the driver ships is rebuilt
+    in a worker; a crash on demand)."""
     marker = tmp_path_factory.mktemp("crash") / "crash-next-batch"
     env = {"SFTDATA_TEST_CRASH_MARKER": str(marker),
            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")])}
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=OBJECT_STORE, log_to_driver=False,
-             runtime_env={"env_vars": env, "worker_process_setup_hook": "ray_hooks.crash_once_on_marker"})
+             runtime_env={"env_vars": env, "worker_process_setup_hook": "ray_hooks.install"})
     yield marker
     ray.shutdown()
 
