@@ -3,8 +3,9 @@
 * The workers must get the tokenizer and the decontamination index from the object store, never build them again
   from files (which a worker on another machine may not have): loading a tokenizer or building a ``Decontaminator``
   in a worker raises.
-* When ``SFTDATA_TEST_CRASH_MARKER`` names a file that exists, the first ``RowPipeline.process`` call in any worker
-  removes it and kills its process (``os._exit``: no exception, no cleanup), as a crashed machine would; Ray then
+* When ``SFTDATA_TEST_CRASH_MARKER`` names a file that exists, the first ``RowPipeline.process`` call of any worker
+  on a batch that is not the first of its file (so the file's read task has sent parts on already) removes it and
+  kills its process (``os._exit``: no exception, no cleanup), as a crashed machine would; Ray then
   restarts the actor and re-sends the batch.
 """
 
@@ -30,6 +31,8 @@ def install() -> None:
     process = RowPipeline.process
 
     def process_or_die(self, records, origin=0):
+        if not records or records[0].row <= 2:  # not a file's first batch: earlier parts of it were already sent on
+            return process(self, records, origin)
         try:
             os.remove(marker)  # atomic: exactly one worker wins, once
         except FileNotFoundError:
