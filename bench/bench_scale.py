@@ -125,7 +125,8 @@ def main() -> None:
     small = records[::3]
     import ray
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, object_store_memory=512 * 1024 * 1024)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+             object_store_memory=512 * 1024 * 1024)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         with tempfile.TemporaryDirectory() as tmpdir:
@@ -153,7 +154,12 @@ def main() -> None:
                                                                     else ()):
             key = f"{engine} {phase}"
             a, b = t_small[key], t_all[key]
-            marginal = (n - n_small) / max(b - a, 1e-9) / cores
+            if b - a < 0.1 * b:  # the difference of two timings is within the noise: no marginal rate to quote
+                rates[key] = float("nan")
+                print(f"{phase:6} {engine:10} {cores:5d} {a:10.2f} {b:10.2f} {n / b / cores:12,.0f} "
+                      f"{'(noise)':>21} {'':>8} {'':>23}")
+                continue
+            marginal = (n - n_small) / (b - a) / cores
             fixed = max(0.0, a - n_small / (marginal * cores))
             rates[key] = marginal
             print(f"{phase:6} {engine:10} {cores:5d} {a:10.2f} {b:10.2f} {n / b / cores:12,.0f} {marginal:21,.0f} "
