@@ -286,6 +286,14 @@ class _Run:
         self._writer = pa.ipc.new_file(self._sink, STAGE_SCHEMA)
         stack.callback(self._close_writer)
         self.bar = stack.enter_context(_Progress(progress, console))
+        self.sketch_offsets: dict[str, int] = {}  # engine ray: each dedup sketch file's first input position
+        if recipe.engine == "ray":  # one connection for phases 1 and 2
+            from sftdata.engine_ray import connect
+
+            if connect(recipe.ray_address):
+                import ray
+
+                stack.callback(ray.shutdown)
         self.dedup_stage = None
         if recipe.dedup is not None:
             from sftdata.clean import Deduplicator
@@ -308,10 +316,11 @@ class _Run:
         recipe = self.recipe
         total = sum(input_size(p) for paths in inputs for p in paths)
         self.bar.start("build", total)
-        batches = self._batches(inputs)
-        for origin, batch, out in run_pipeline(self.pipeline, batches, engine=recipe.engine, workers=recipe.workers,
-                                               ray_address=recipe.ray_address):
-            self._merge(origin, batch, out)
+        if recipe.engine == "ray":
+            self._per_row_on_ray(inputs)
+        else:
+            for origin, batch, out in run_pipeline(self.pipeline, self._batches(inputs), workers=recipe.workers):
+                self._merge(origin, batch, out)
         # every problem ingest logged is a row of its own (the pipeline's were counted per row in _merge)
         self.skipped_rows.update(self.problems.counts - self._from_pipeline)
         self._close_writer()
@@ -322,11 +331,8 @@ class _Run:
         for origin, (source, paths) in enumerate(zip(recipe.sources, inputs)):
             stats: list[ReadStats] = []
             label = source.label(origin)
-            for batch in read_records(paths, format=source.format or recipe.format,
-                                      columns=source.columns or recipe.columns, strip=recipe.strip,
-                                      system_prompt=recipe.system_prompt, template_variables=self.setup.template.variables,
-                                      problems=self.problems, batch_size=recipe.batch_size, stats=stats,
-                                      on_progress=self.bar.advance, max_row_bytes=recipe.max_row_bytes):
+            for batch in read_records(paths, problems=self.problems, stats=stats, on_progress=self.bar.advance,
+                                      **self._read_options(source)):
                 if source.data is not None:
                     for record in batch:
                         record.source = label
@@ -337,6 +343,48 @@ class _Run:
                     s.path = label
                 self.stats.append(s)
                 self.stats_origin.append(origin)
+
+    def _read_options(self, source: Source) -> dict[str, Any]:
+        recipe = self.recipe
+        return dict(format=source.format or recipe.format, columns=source.columns or recipe.columns, strip=recipe.strip,
+                    system_prompt=recipe.system_prompt, template_variables=self.setup.template.variables,
+                    batch_size=recipe.batch_size, max_row_bytes=recipe.max_row_bytes)
+
+    def _per_row_on_ray(self, inputs: list[list[str]]) -> None:
+        """Phase 1 on Ray (:mod:`sftdata.engine_ray`): files read and batches processed on the cluster, merged here in
+        input order exactly as the local engine merges them."""
+        from sftdata.engine_ray import ReadShard, run_on_ray
+
+        shards: list[ReadShard] = []
+        for origin, (source, paths) in enumerate(zip(self.recipe.sources, inputs)):
+            label = source.label(origin) if source.data is not None else None
+            options = self._read_options(source)
+            for path in paths:
+                shards.append(ReadShard(len(shards), origin, path, options, label))
+        dedup = self.dedup_stage.config if self.dedup_stage is not None else None
+        on_cluster = dedup is not None and self.recipe.ray_dedup == "cluster"
+        sketch_dir = self.tmp / ".dedup-sketches"  # in the staging directory: where the output goes, every node's
+        if on_cluster:
+            sketch_dir.mkdir()
+        for part in run_on_ray(self.pipeline, shards, address=self.recipe.ray_address, dedup=dedup,
+                               sketch_dir=str(sketch_dir) if on_cluster else None):
+            self.problems.extend(part.problems)  # ingest problems, as read_records logs them before its batch
+            if part.error is not None:
+                raise part.error
+            self.bar.advance(part.bytes_read)
+            if part.output is not None:
+                self.bar.rows(part.rows)
+                self._merge(part.origin, [], part.output)
+                if on_cluster and part.positions:
+                    from sftdata.clean.dedup_ray import sketch_file
+
+                    self.sketch_offsets[sketch_file(sketch_dir, part.shard, part.seq).name] = self.dedup_stage.rows_seen
+                    self.dedup_stage.add_positions(part.positions)
+                elif dedup is not None and part.positions:  # ray_dedup: driver, the sketch came with the part
+                    self.dedup_stage.add_sketch(part.positions, part.sketch)
+            for s in part.stats:
+                self.stats.append(s)
+                self.stats_origin.append(part.origin)
 
     def _merge(self, origin: int, records: list[Record], out: BatchOutput) -> None:
         kept_rows = set(zip(out.table["source"].to_pylist(), out.table["row"].to_pylist())) if out.table.num_rows else set()
@@ -376,6 +424,15 @@ class _Run:
         if stage is None:
             return set()
         self.bar.start("dedup", 0)
+        if self.recipe.engine == "ray" and self.recipe.ray_dedup == "cluster":
+            from sftdata.clean.dedup_ray import dedup_on_ray
+
+            sketches = self.tmp / ".dedup-sketches"
+            # a partition of the band group-by holds ~1M band rows (50k input rows): 2.5-2.9 GB peak RSS measured
+            # for that task (docs/scale.md); fewer partitions than CPUs only when the input is small
+            partitions = max(1, stage.rows_seen // 50_000)
+            dedup_on_ray(stage, sketches, self.sketch_offsets, partitions=partitions)
+            shutil.rmtree(sketches)
         stage.finalize()
         keep = stage.keep_mask()
         sources, source_index, rows = stage.positions()
@@ -569,16 +626,11 @@ def _split_stats(columns: pa.Table, members: np.ndarray, source: np.ndarray) -> 
 
 # -- engines ----------------------------------------------------------------------------------------------------------
 
-def run_pipeline(pipeline: RowPipeline, batches: Iterable[tuple[int, list[Record]]], *, engine: str = "local",
-                 workers: int = 1, ray_address: str | None = None) -> Iterator[tuple[int, list[Record], BatchOutput]]:
-    """Yield ``(origin, records, output)`` per batch, in input order: in-process, in a process pool of ``workers``, or
-    on Ray (:mod:`sftdata.engine_ray`). Rendering is Python (Jinja) and holds the GIL, so parallelism needs
-    processes; each worker rebuilds the pipeline from its pickled spec."""
-    if engine == "ray":
-        from sftdata.engine_ray import run_on_ray
-
-        yield from run_on_ray(pipeline, batches, address=ray_address)
-        return
+def run_pipeline(pipeline: RowPipeline, batches: Iterable[tuple[int, list[Record]]], *, workers: int = 1
+                 ) -> Iterator[tuple[int, list[Record], BatchOutput]]:
+    """The local engine: yield ``(origin, records, output)`` per batch, in input order, in-process or in a process
+    pool of ``workers``. Rendering is Python (Jinja) and holds the GIL, so parallelism needs processes; each worker
+    rebuilds the pipeline from its pickled spec. (The Ray engine also reads on the cluster: :mod:`sftdata.engine_ray`.)"""
     if workers <= 1:
         for origin, batch in batches:
             yield origin, batch, pipeline.process(batch, origin)

@@ -60,10 +60,14 @@ class BatchOutput:
 class RowPipeline:
     """The per-row stages of a recipe; see the module docstring."""
 
-    def __init__(self, spec: PipelineSpec, *, tokenizer: Any = None, encoder: Encoder | None = None):
+    def __init__(self, spec: PipelineSpec, *, tokenizer: Any = None, encoder: Encoder | None = None,
+                 decontaminator: Any = None):
+        """``tokenizer``, ``encoder``, ``decontaminator``: already built (an engine that ships the loaded tokenizer
+        and the eval index to its workers once); otherwise each is built from ``spec`` on first use."""
         self.spec = spec
         self._tokenizer = tokenizer
         self._encoder = encoder
+        self._decontaminator = decontaminator
         self._stages: tuple[Any, Any, Any] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -96,7 +100,9 @@ class RowPipeline:
 
                 record_filter, token_filter = filters_from_options(
                     dataclass_from_dict(FilterOptions, self.spec.filters, source="filters"))
-            if self.spec.decontaminate:
+            if self._decontaminator is not None:
+                decontaminator = self._decontaminator
+            elif self.spec.decontaminate:
                 from sftdata.clean import Decontaminator
 
                 options = dict(self.spec.decontaminate)

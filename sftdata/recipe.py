@@ -118,8 +118,15 @@ class Recipe:
     pack: bool = _f(False, "Pack examples into rows of max_length tokens (best-fit decreasing).")
     # running
     report: str | None = _f(None, "Also write the removed rows (dedup, decontamination, filters, mixing) here.")
-    engine: str = _f("local", "Where per-row work runs.", choices=("local", "ray"))
-    ray_address: str | None = _f(None, "Ray cluster to connect to (default: a local one).")
+    engine: str = _f("local", "Where reading and per-row work run: this machine (local, see workers) or a Ray "
+                              "cluster (ray: pip install 'sftdata[ray]'). The output is the same.",
+                     choices=("local", "ray"))
+    ray_address: str | None = _f(None, "Ray cluster to connect to: auto (the `ray start` cluster of this machine) or "
+                                       "HOST:PORT (default: a local Ray started for the build).")
+    ray_dedup: str = _f("cluster", "Engine ray: where dedup clusters the sketches the workers compute: on the cluster "
+                                   "(Ray Data group-bys and joins) or on the driver (in-process, far cheaper per core "
+                                   "while the sketches fit one machine: docs/scale.md). The output is the same.",
+                        choices=("cluster", "driver"))
     workers: int = _f(1, "Encoder processes of the local engine (1 = in-process).")
     batch_size: int = _f(1000, "Rows per batch.")
     train: dict[str, Any] | None = _f(None, "The `sftdata train` settings (read by `sftdata train --config`).")
@@ -176,7 +183,7 @@ class Recipe:
     def fingerprint_dict(self) -> dict[str, Any]:
         """The fields that change what a build writes (not where it goes, how it runs or what it reports)."""
         out = self.to_dict()
-        for key in ("output", "report", "engine", "ray_address", "workers", "batch_size", "train"):
+        for key in ("output", "report", "engine", "ray_address", "ray_dedup", "workers", "batch_size", "train"):
             out.pop(key, None)
         for s in out["sources"]:
             s.pop("path", None)  # inputs are fingerprinted by content, not by name

@@ -137,6 +137,9 @@ class DataError(Exception):
         super().__init__(message)
         self.problem = problem
 
+    def __reduce__(self) -> tuple[Any, ...]:  # pickles with its problem (raised on a worker, re-raised by the driver)
+        return DataError, (str(self), self.problem)
+
 
 class ProblemLog:
     """Counts problems by kind and keeps the first few of each for the report.

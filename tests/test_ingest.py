@@ -210,6 +210,17 @@ def test_several_inputs_keep_their_sources(tmp_path):
     assert [(r.source, r.row) for r in records] == [(str(a), 1), (str(a), 2), (str(b), 1)]
 
 
+def test_a_batch_never_spans_two_files(tmp_path):
+    """So that reading one file at a time (the Ray engine's read tasks) gives the batches of reading them all."""
+    a = write_jsonl(tmp_path / "a.jsonl", ALPACA * 3)
+    b = write_jsonl(tmp_path / "b.jsonl", ALPACA * 3)
+    batches = [[(r.source, r.row) for r in batch] for batch in read_records([str(a), str(b)], batch_size=4)]
+    per_file = [[(r.source, r.row) for r in batch] for path in (a, b)
+                for batch in read_records([str(path)], batch_size=4)]
+    assert batches == per_file and [len(x) for x in batches] == [4, 2, 4, 2]  # not [4, 4, 4]
+    assert [{source for source, _ in x} for x in batches] == [{str(a)}, {str(a)}, {str(b)}, {str(b)}]
+
+
 # -- tool calls, reasoning, training flags, agent layouts -------------------------------------------------------------
 
 def test_openai_messages_with_tool_calls_reasoning_and_flags(tmp_path):

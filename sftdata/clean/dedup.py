@@ -160,6 +160,11 @@ def sketch_texts(texts: list[str], config: DedupConfig) -> BatchSketch:
     return BatchSketch(exact_keys, has_tokens, keys, sig.astype(np.uint8), set_values(sh), soff)
 
 
+def is_edge(jaccard: np.ndarray, threshold: float) -> np.ndarray:
+    """Verified pairs: exact Jaccard at or above the threshold (with a margin for the float division)."""
+    return jaccard + 1e-12 >= threshold
+
+
 def exact_first(exact_keys: np.ndarray) -> np.ndarray:
     """For each row, the earliest row with the same exact key (itself if it is the first): a hash group-by."""
     n = len(exact_keys)
@@ -292,17 +297,30 @@ class Deduplicator:
 
     # -- pass 1 ------------------------------------------------------------------------------------------------
     def add_batch(self, records: list[Record]) -> None:
+        self.add_sketch([(rec.source, rec.row) for rec in records], sketch_batch(records, self.config))
+
+    @property
+    def rows_seen(self) -> int:
+        return len(self._src)
+
+    def add_positions(self, positions: list[tuple[str, int]]) -> None:
+        """Number rows whose sketches are kept elsewhere (a cluster: :mod:`sftdata.clean.dedup_ray`, which then
+        finishes with :meth:`adopt`)."""
+        for source, row in positions:
+            sid = self._source_ids.get(source)
+            if sid is None:
+                sid = self._source_ids[source] = len(self._sources)
+                self._sources.append(source)
+            self._src.append(sid)
+            self._row.append(row)
+
+    def add_sketch(self, positions: list[tuple[str, int]], sketch: BatchSketch) -> None:
+        """Add a batch sketched elsewhere (a worker ran :func:`sketch_batch` with this ``config``): ``positions`` are
+        the ``(source, row)`` of its records, in order. Same result as :meth:`add_batch` of those records."""
         if self._finalized:
             raise RuntimeError("add_batch after finalize")
-        sketch = sketch_batch(records, self.config)
         start = len(self._src)
-        for rec in records:
-            sid = self._source_ids.get(rec.source)
-            if sid is None:
-                sid = self._source_ids[rec.source] = len(self._sources)
-                self._sources.append(rec.source)
-            self._src.append(sid)
-            self._row.append(rec.row)
+        self.add_positions(positions)
         self._exact_keys.append(sketch.exact_keys)
         if self._spill is None:
             return
@@ -313,9 +331,9 @@ class Deduplicator:
         self._band_keys.append(sketch.band_keys[local])
         self._screen.append(sketch.screen[local])
         counts = np.diff(sketch.set_offsets)
-        wanted = np.zeros(len(records), dtype=bool)
+        wanted = np.zeros(len(positions), dtype=bool)
         wanted[local] = True
-        offsets = np.zeros(len(records) + 1, dtype=np.int64)
+        offsets = np.zeros(len(positions) + 1, dtype=np.int64)
         np.cumsum(np.where(wanted, counts, 0), out=offsets[1:])
         self._spill.append(sketch.sets[np.repeat(wanted, counts)], offsets)
         self._near_pending += len(local)
@@ -338,20 +356,16 @@ class Deduplicator:
     def finalize(self) -> None:
         if self._finalized:
             return
-        self._finalized = True
         cfg = self.config
         n = len(self._src)
-        idx = np.arange(n, dtype=np.int64)
         exact_keys = _concat(self._exact_keys, (0, 2), _U64)
         self._exact_keys = []
-        first = exact_first(exact_keys) if cfg.exact else idx
+        first = exact_first(exact_keys) if cfg.exact else np.arange(n, dtype=np.int64)
         del exact_keys
-        status = np.zeros(n, dtype=np.int8)
-        ref = idx.copy()
-        rep = idx.copy()
-        jac = np.ones(n, dtype=np.float32)
         stats = {"band_collisions": 0, "screened_out": 0, "candidate_pairs": 0, "verified_pairs": 0,
                  "rejected_pairs": 0}
+        edges = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
+        jaccard = None
         if self._spill is not None:
             rows = _concat(self._near_rows, (0,), np.int64)
             keep = first[rows] == rows
@@ -361,17 +375,10 @@ class Deduplicator:
             self._near_rows = []
             a, b = self._candidates(keys, screen, stats)
             del keys, screen
-            a, b = eligible[a], eligible[b]
-            self._cluster(a, b, status, ref, rep, jac, stats)
+            edges, jaccard = self._verify(eligible[a], eligible[b], stats)
+        self.adopt(first, *edges, jaccard, stats)
+        if self._spill is not None:
             self._spill.remove()
-        if cfg.exact and n:
-            dup = first != idx
-            status[dup] = EXACT
-            ref[dup] = first[dup]
-            rep[dup] = rep[first[dup]]
-            jac[dup] = 1.0
-        self._status, self._ref, self._rep, self._jac = status, ref, rep, jac
-        self._stats = stats
 
     def _candidates(self, keys: np.ndarray, screen: Screen, stats: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
         """Distinct pairs sharing a band key whose MinHash estimate passes the screen (indices into ``keys``)."""
@@ -389,20 +396,47 @@ class Deduplicator:
         stats["candidate_pairs"] = int(len(codes))
         return np.divmod(codes, max(m, 1))
 
-    def _cluster(self, a: np.ndarray, b: np.ndarray, status: np.ndarray, ref: np.ndarray, rep: np.ndarray,
-                 jac: np.ndarray, stats: dict[str, int]) -> None:
-        """Verify the candidate pairs (input positions ``a < b``), cluster the edges, fill the per-row results."""
-        cfg = self.config
-        if not len(a):
-            return
+    def _verify(self, a: np.ndarray, b: np.ndarray, stats: dict[str, int]) -> tuple[tuple[np.ndarray, ...], Any]:
+        """The exact Jaccard of the candidate pairs (input positions ``a < b``): the edges ``(a, b, j)`` with
+        ``j >= threshold``, and a function giving the Jaccard of any pairs of the candidates' rows."""
         docs = sorted_unique(np.concatenate([a, b]))
         sets = set_matrix(*self._spill.read(docs))
-        la, lb = np.searchsorted(docs, a), np.searchsorted(docs, b)
-        j = pair_jaccard(sets, la, lb)
-        edge = j + 1e-12 >= cfg.threshold
+        j = pair_jaccard(sets, np.searchsorted(docs, a), np.searchsorted(docs, b))
+        edge = is_edge(j, self.config.threshold)
         stats["verified_pairs"] = int(np.count_nonzero(edge))
         stats["rejected_pairs"] = int(len(edge) - stats["verified_pairs"])
-        ea, eb, ej = la[edge], lb[edge], j[edge]
+        return (a[edge], b[edge], j[edge]), lambda x, y: pair_jaccard(sets, np.searchsorted(docs, x),
+                                                                        np.searchsorted(docs, y))
+
+    def adopt(self, first: np.ndarray, ea: np.ndarray, eb: np.ndarray, ej: np.ndarray, jaccard: Any,
+              stats: dict[str, int]) -> None:
+        """Finish from the global facts, however they were computed (here, or on a cluster: sftdata/engine_ray.py):
+        ``first`` (each input position's earliest exact twin), the verified edges ``(ea, eb, ej)`` between input
+        positions, ``jaccard(x, y)`` (the exact Jaccard of position pairs, asked for each near member and its
+        representative that share no edge) and the candidate statistics."""
+        n = len(self._src)
+        idx = np.arange(n, dtype=np.int64)
+        status = np.zeros(n, dtype=np.int8)
+        ref = idx.copy()
+        rep = idx.copy()
+        jac = np.ones(n, dtype=np.float32)
+        if len(ea):
+            self._cluster(ea, eb, ej, jaccard, status, ref, rep, jac)
+        if self.config.exact and n:
+            dup = first != idx
+            status[dup] = EXACT
+            ref[dup] = first[dup]
+            rep[dup] = rep[first[dup]]
+            jac[dup] = 1.0
+        self._status, self._ref, self._rep, self._jac = status, ref, rep, jac
+        self._stats = stats
+        self._finalized = True
+
+    def _cluster(self, ea: np.ndarray, eb: np.ndarray, ej: np.ndarray, jaccard: Any, status: np.ndarray,
+                 ref: np.ndarray, rep: np.ndarray, jac: np.ndarray) -> None:
+        """Cluster the verified edges (input positions), fill the per-row results."""
+        docs = sorted_unique(np.concatenate([ea, eb]))
+        ea, eb = np.searchsorted(docs, ea), np.searchsorted(docs, eb)
         # docs are sorted, so the smallest local index of a component is its earliest input row
         label = connected_min_labels(len(docs), ea, eb)
         member = np.flatnonzero(label != np.arange(len(docs)))
@@ -412,7 +446,16 @@ class Deduplicator:
         status[rows] = NEAR
         ref[rows] = reps
         rep[rows] = reps
-        jac[rows] = pair_jaccard(sets, member, label[member])
+        # the Jaccard with the representative: the edge's where there is one, else computed
+        code = ea * len(docs) + eb
+        order = np.argsort(code)
+        at = np.minimum(np.searchsorted(code[order], label[member] * len(docs) + member), len(code) - 1)
+        direct = code[order][at] == label[member] * len(docs) + member
+        member_j = np.empty(len(member), dtype=np.float64)
+        member_j[direct] = ej[order][at[direct]]
+        if not direct.all():
+            member_j[~direct] = jaccard(reps[~direct], rows[~direct])
+        jac[rows] = member_j
         # how each member joined: its earliest verified neighbour (reported when that is not the representative)
         node, other, oj = np.concatenate([ea, eb]), np.concatenate([eb, ea]), np.concatenate([ej, ej])
         order = np.lexsort((other, node))

@@ -290,8 +290,9 @@ def read_records(
         file_stats.bytes = input_size(path_str)
         if on_progress is not None and file_stats.bytes > reported:
             on_progress(file_stats.bytes - reported)
-    if batch:
-        yield batch
+        if batch:  # a batch never spans two files: reading one file at a time (a sharded read) gives the same batches
+            yield batch
+            batch = []
 
 
 def _sample(rows: Iterator[tuple[int, Any]]) -> list[tuple[int, Any]]:
