@@ -7,8 +7,6 @@ in order), and each trained run decodes to the turn's target text.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
 from sftdata.record import Message, Record
@@ -420,20 +418,23 @@ def test_long_conversations_plan_only_the_turns_inside_max_length():
     assert sum(ex.counts["turns_beyond_max_length"] for ex in bounded) == 225
 
 
+def oslo_weather(text):
+    """A one-call agent conversation whose calling message has ``text`` beside the call."""
+    return Record("t", 1, [Message("user", "Weather in Oslo?"),
+                           Message("assistant", text, tool_calls=[call("get_weather", "c1", city="Oslo")]),
+                           Message("tool", '{"temperature": 5}', tool_call_id="c1"),
+                           Message("assistant", "It is 5 degrees in Oslo.")], tools=WEATHER)
+
+
 def test_llama31_text_beside_a_tool_call_is_refused_not_dropped():
     """Llama-3.1's official template writes only the call of an assistant message that also has text: training the
     row would drop "Let me check." without a word, so the row is refused with the reason."""
     tok = shared_tokenizer("llama3_1")
-    record = Record("t", 1, [Message("user", "Weather in Oslo?"),
-                             Message("assistant", "Let me check.", tool_calls=[call("get_weather", "c1", city="Oslo")]),
-                             Message("tool", '{"temperature": 5}', tool_call_id="c1"),
-                             Message("assistant", "It is 5 degrees in Oslo.")], tools=WEATHER)
+    record = oslo_weather("Let me check.")
     _, examples, problems = encode(tok, "llama3", record)
     assert examples == [] and [p.kind for p in problems] == ["content-not-rendered"]
     assert "assistant message 1" in problems[0].detail
-    without_text = Record("t", 1, [replace(record.messages[0]), replace(record.messages[1], content=""),
-                                   *record.messages[2:]], tools=WEATHER)
-    _, examples, problems = encode(tok, "llama3", without_text)
+    _, examples, problems = encode(tok, "llama3", oslo_weather(""))
     assert problems == [] and [ex.turns for ex in examples] == [[1, 3]]
 
 
@@ -477,10 +478,7 @@ def test_a_template_without_tools_that_refuses_tool_roles_says_so():
     """Mistral v0.1's template raises on any role but user/assistant: for a tool conversation the problem says the
     template has no tool calls and names templates that do, instead of a bare alternation error."""
     tok = shared_tokenizer("mistral-7b-v0.1")
-    record = Record("t", 1, [Message("user", "Weather in Oslo?"),
-                             Message("assistant", "", tool_calls=[call("get_weather", "c1", city="Oslo")]),
-                             Message("tool", '{"temperature": 5}', tool_call_id="c1"),
-                             Message("assistant", "It is 5 degrees in Oslo.")], tools=WEATHER)
+    record = oslo_weather("")
     _, examples, problems = encode(tok, "mistral", record)
     assert examples == [] and [p.kind for p in problems] == ["tool-calls-not-rendered"]
     assert problems[0].detail.startswith("template 'mistral' has no tool calls or tool results and refuses this "
