@@ -232,3 +232,16 @@ def run_on_ray(pipeline: RowPipeline, shards: Iterable[ReadShard], *, address: s
         context.execution_options.preserve_order, context.enable_progress_bars = saved
         if started:
             ray.shutdown()
+
+
+def write_shards_on_ray(jobs: list[Any], members: np.ndarray, plan: Any = None) -> list[Any]:
+    """Phase 3 on Ray: one task per output shard of a split runs :func:`sftdata.build.write_split_shard` (it gathers its
+    rows from the staging file, on the filesystem every node shares, and writes its Parquet file there); the split's
+    members and packing plan go to the object store once. The shards' results, in shard order. A task whose worker dies
+    is retried (Ray's default: 3 times) and rewrites its whole file."""
+    ray = _ray()
+    from sftdata.build import write_split_shard
+
+    task = ray.remote(write_split_shard)
+    shared_members, shared_plan = ray.put(members), ray.put(plan)
+    return ray.get([task.remote(job, shared_members, shared_plan) for job in jobs])
