@@ -10,7 +10,8 @@ A build is three phases:
    for a cluster is always a row that is in the output.
 3. **Splits, mixing, writing** (global, over per-example facts only): each example's split comes from its group
    hash, the training split is mixed to the sources' target shares by seeded sampling of whole conversations, every
-   split is shuffled, and written to ``DIR/<split>/`` (packed or not) next to ``manifest.json``.
+   split is shuffled (and packed: planned on the lengths), and written to ``DIR/<split>/`` next to ``manifest.json``,
+   shard by shard (:func:`write_split_shard`: in a loop here, one Ray task per shard with engine ray).
 
 Every row read ends in exactly one place: kept (in a split), skipped (``problems.jsonl``, by kind) or removed
 (``removed.jsonl``, by reason): ``rows_read == rows_kept + skipped + removed`` in the manifest.
@@ -648,16 +649,32 @@ def write_split_shard(job: ShardJob, members: np.ndarray, plan: Any = None) -> A
     shard's packing stats). Both engines write every shard with this: the local one in a loop, Ray as one task each."""
     columns = pa.ipc.open_file(pa.memory_map(job.staging)).read_all().select(UNPACKED_SCHEMA.names)
     if plan is None:
-        pieces = (columns.take(pa.array(members[lo:hi], pa.int64()))
-                  for lo, hi in chunk_ranges(job.start, job.stop, job.chunk_rows))
+        pieces = (take_rows(columns, members[lo:hi]) for lo, hi in chunk_ranges(job.start, job.stop, job.chunk_rows))
         write_shard(Path(job.directory), job.split, job.index, pieces)
         return None
     from sftdata.pack import _as_table, write_packed_shard
 
     def take(indices: np.ndarray) -> pa.Table:
-        return _as_table(columns.take(pa.array(members[indices], pa.int64())))
+        return _as_table(take_rows(columns, members[indices]))
 
     return write_packed_shard(plan, take, job.directory, job.split, job.index, job.start, job.stop, job.chunk_rows)
+
+
+def take_rows(table: pa.Table, indices: np.ndarray) -> pa.Table:
+    """``table.take(indices)`` (one chunk, rows in the order of ``indices``) reading only the record batches the
+    indices fall in: Arrow's take on a table of many chunks (the staging file has one per merged batch) concatenates
+    them all first, so each shard, or each chunk of a shard, would read the whole staging file."""
+    indices = np.asarray(indices, dtype=np.int64)
+    batches = table.to_batches()
+    starts = np.concatenate(([0], np.cumsum([b.num_rows for b in batches], dtype=np.int64)))
+    which = np.searchsorted(starts, indices, side="right") - 1
+    order = np.argsort(which, kind="stable")
+    used, first = np.unique(which[order], return_index=True)
+    bounds = np.append(first, indices.size)
+    parts = [batches[b].take(pa.array(indices[order[lo:hi]] - starts[b]))
+             for b, lo, hi in zip(used, bounds[:-1], bounds[1:])]
+    grouped = pa.Table.from_batches(parts, schema=table.schema).combine_chunks()
+    return grouped.take(pa.array(np.argsort(order)))  # row j of `grouped` is indices[order[j]]
 
 
 def _split_stats(columns: pa.Table, members: np.ndarray, source: np.ndarray) -> dict[str, Any]:
