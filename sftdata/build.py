@@ -10,7 +10,8 @@ A build is three phases:
    for a cluster is always a row that is in the output.
 3. **Splits, mixing, writing** (global, over per-example facts only): each example's split comes from its group
    hash, the training split is mixed to the sources' target shares by seeded sampling of whole conversations, every
-   split is shuffled, and written to ``DIR/<split>/`` (packed or not) next to ``manifest.json``.
+   split is shuffled (and packed: planned on the lengths), and written to ``DIR/<split>/`` next to ``manifest.json``,
+   shard by shard (:func:`write_split_shard`: in a loop here, one Ray task per shard with engine ray).
 
 Every row read ends in exactly one place: kept (in a split), skipped (``problems.jsonl``, by kind) or removed
 (``removed.jsonl``, by reason): ``rows_read == rows_kept + skipped + removed`` in the manifest.
@@ -31,6 +32,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from sftdata import __version__
 from sftdata.ingest import ReadStats, input_size, parse_columns, read_records, resolve_inputs
@@ -46,17 +48,20 @@ from sftdata.verify import preflight
 from sftdata.write import (
     FORMAT,
     LABELS_NOTE,
+    SHARD_ROWS,
     UNPACKED_SCHEMA,
     OutputClaim,
-    SplitWriter,
     check_output_files,
     check_output_paths,
+    chunk_ranges,
     file_sha256,
     fingerprint,
     is_sftdata_output,
     output_files,
     read_manifest,
+    shard_ranges,
     write_manifest,
+    write_shard,
 )
 
 __all__ = ["BuildResult", "DEFAULT_OUTPUT", "build", "run_recipe"]
@@ -495,20 +500,35 @@ class _Run:
             self.bar.start(f"write {name}", 0)
             directory = self.tmp / name
             directory.mkdir()
+            plan = None
             if recipe.pack:
-                from sftdata.pack import pack_table
+                from sftdata import pack
 
-                stats = pack_table(columns.take(pa.array(members, pa.int64())), str(directory), name, recipe.max_length,
-                                   seed=recipe.seed, raw_text=self.setup.raw_text_blocks)
-                packing[name] = stats
-                splits[name] = {"rows": stats["rows"], "examples": int(members.size),
-                                "files": [f"{name}/{f}" for f in stats["files"]]}
+                lengths = pc.list_value_length(columns["input_ids"]).to_numpy(zero_copy_only=False)[members]
+                truncated = int(columns["truncated"].to_numpy(zero_copy_only=False)[members].sum())
+                plan = pack.plan_packing(lengths, recipe.max_length, seed=recipe.seed,
+                                         raw_text=self.setup.raw_text_blocks, truncated=truncated,
+                                         describe=lambda i: f"{source[members[i]]}:{row[members[i]]}")
+                shards, chunk_rows = shard_ranges(plan.rows, pack.shard_rows_for(recipe.max_length)), plan.chunk_rows()
             else:
-                writer = SplitWriter(directory, name)
-                for start in range(0, members.size, GATHER_ROWS):
-                    writer.write_table(columns.take(pa.array(members[start:start + GATHER_ROWS], pa.int64())))
-                writer.close()
-                splits[name] = {"rows": writer.rows, "files": [f"{name}/{f}" for f in writer.files]}
+                shards, chunk_rows = shard_ranges(members.size, SHARD_ROWS), GATHER_ROWS
+            jobs = [ShardJob(str(self.staging), str(directory), name, k, start, stop, chunk_rows)
+                    for k, (start, stop) in enumerate(shards)]
+            if recipe.engine == "ray":
+                from sftdata.engine_ray import write_shards_on_ray
+
+                written = write_shards_on_ray(jobs, members, plan)
+            else:
+                written = [write_split_shard(job, members, plan) for job in jobs]
+            files = [f"{name}/{name}-{job.index:05d}.parquet" for job in jobs]
+            if plan is not None:
+                stats = pack.plan_stats(plan, int(members.size))
+                for part in written:
+                    stats.merge(part)
+                packing[name] = stats.result(files=[Path(f).name for f in files])
+                splits[name] = {"rows": packing[name]["rows"], "examples": int(members.size), "files": files}
+            else:
+                splits[name] = {"rows": int(members.size), "files": files}
             splits[name].update(_split_stats(columns, members, source))
             self.bar.done()
         del table, columns
@@ -607,6 +627,54 @@ class _Run:
             "seconds": round(time.perf_counter() - started, 3),
             "seconds_setup": round(data_started - started, 3),
         }
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One output shard of a split: rows ``start:stop`` of the split (examples, or packed rows when packing) written
+    to ``directory/{split}-{index:05d}.parquet`` in row groups cut every ``chunk_rows`` rows of the split."""
+
+    staging: str  # the staging Arrow file (memory-mapped by whoever writes the shard)
+    directory: str
+    split: str
+    index: int
+    start: int
+    stop: int
+    chunk_rows: int
+
+
+def write_split_shard(job: ShardJob, members: np.ndarray, plan: Any = None) -> Any:
+    """Write one shard of a split, gathering its rows from the staging file: ``members`` are the split's examples
+    (staging indices, in output order), ``plan`` its :class:`~sftdata.pack.PackPlan` when packing (returns the
+    shard's packing stats). Both engines write every shard with this: the local one in a loop, Ray as one task each."""
+    columns = pa.ipc.open_file(pa.memory_map(job.staging)).read_all().select(UNPACKED_SCHEMA.names)
+    if plan is None:
+        pieces = (take_rows(columns, members[lo:hi]) for lo, hi in chunk_ranges(job.start, job.stop, job.chunk_rows))
+        write_shard(Path(job.directory), job.split, job.index, pieces)
+        return None
+    from sftdata.pack import _as_table, write_packed_shard
+
+    def take(indices: np.ndarray) -> pa.Table:
+        return _as_table(take_rows(columns, members[indices]))
+
+    return write_packed_shard(plan, take, job.directory, job.split, job.index, job.start, job.stop, job.chunk_rows)
+
+
+def take_rows(table: pa.Table, indices: np.ndarray) -> pa.Table:
+    """``table.take(indices)`` (one chunk, rows in the order of ``indices``) reading only the record batches the
+    indices fall in: Arrow's take on a table of many chunks (the staging file has one per merged batch) concatenates
+    them all first, so each shard, or each chunk of a shard, would read the whole staging file."""
+    indices = np.asarray(indices, dtype=np.int64)
+    batches = table.to_batches()
+    starts = np.concatenate(([0], np.cumsum([b.num_rows for b in batches], dtype=np.int64)))
+    which = np.searchsorted(starts, indices, side="right") - 1
+    order = np.argsort(which, kind="stable")
+    used, first = np.unique(which[order], return_index=True)
+    bounds = np.append(first, indices.size)
+    parts = [batches[b].take(pa.array(indices[order[lo:hi]] - starts[b]))
+             for b, lo, hi in zip(used, bounds[:-1], bounds[1:])]
+    grouped = pa.Table.from_batches(parts, schema=table.schema).combine_chunks()
+    return grouped.take(pa.array(np.argsort(order)))  # row j of `grouped` is indices[order[j]]
 
 
 def _split_stats(columns: pa.Table, members: np.ndarray, source: np.ndarray) -> dict[str, Any]:

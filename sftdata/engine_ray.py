@@ -1,4 +1,5 @@
-"""The Ray engine: phase 1 of a build (read → per-row stages → dedup sketches) as a Ray Data pipeline.
+"""The Ray engine: phase 1 of a build (read → per-row stages → dedup sketches) as a Ray Data pipeline, and the
+output shards written by Ray tasks.
 
 ``sftdata build --engine ray [--ray-address ADDR]`` runs the same code as the local engine, placed differently:
 
@@ -14,8 +15,10 @@
   (``ray_dedup: driver``).
 * **Merge** (the driver): the results come back in input order (``preserve_order``) and go through the local
   engine's merge (``_Run._merge`` in :mod:`sftdata.build`): one problems file, one removals file, one set of counters,
-  one manifest. Phase 3 (splits, mixing, packing, writing) is the local one: see docs/scale.md for what runs where,
-  what it costs and how far it goes.
+  one manifest.
+* **Phase 3**: the driver computes splits, mixing, shuffle and the packing plan as the local engine does; one Ray task
+  per output shard writes it (:func:`write_shards_on_ray` runs :func:`sftdata.build.write_split_shard`, the local
+  engine's own shard writer). See docs/scale.md for what runs where, what it costs and how far it goes.
 
 Ray retries a read task, and restarts an actor and re-sends its batch, when a worker dies: every step is a pure
 function of its input, so a retried batch gives the same result.
@@ -232,3 +235,16 @@ def run_on_ray(pipeline: RowPipeline, shards: Iterable[ReadShard], *, address: s
         context.execution_options.preserve_order, context.enable_progress_bars = saved
         if started:
             ray.shutdown()
+
+
+def write_shards_on_ray(jobs: list[Any], members: np.ndarray, plan: Any = None) -> list[Any]:
+    """Phase 3 on Ray: one task per output shard of a split runs :func:`sftdata.build.write_split_shard` (it gathers its
+    rows from the staging file, on the filesystem every node shares, and writes its Parquet file there); the split's
+    members and packing plan go to the object store once. The shards' results, in shard order. A task whose worker dies
+    is retried (Ray's default: 3 times) and rewrites its whole file."""
+    ray = _ray()
+    from sftdata.build import write_split_shard
+
+    task = ray.remote(write_split_shard)
+    shared_members, shared_plan = ray.put(members), ray.put(plan)
+    return ray.get([task.remote(job, shared_members, shared_plan) for job in jobs])

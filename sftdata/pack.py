@@ -31,6 +31,7 @@ classic ``group_texts`` behaviour (cross-document attention) can simply ignore `
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -233,55 +234,131 @@ def _rows(segments: pa.Table, seg_lengths: np.ndarray, seg_offsets: np.ndarray, 
     return table, masked
 
 
-def _bfd_batches(table: pa.Table, max_length: int, seed: int | None, chunk_tokens: int = _CHUNK_TOKENS):
+@dataclass
+class PackPlan:
+    """Which examples of a split go into which packed row, in output order: computed from the examples' lengths
+    alone (cheap: the driver of a distributed build plans a whole split), and read by :func:`packed_rows` for any
+    range of output rows (so each shard can be built apart, by a worker that gathers only its own examples).
+
+    A row is a bin (``bfd``: whole examples) or a block (``blocks``: pieces of documents); row ``r`` is unit
+    ``order[r]``, made of segments ``unit_segments[u]:unit_segments[u+1]``, segment ``s`` being tokens
+    ``begin[s]:end[s]`` of example ``example[s]``."""
+
+    strategy: str
+    max_length: int
+    seed: int | None
+    lengths: np.ndarray  # tokens of each example of the split
+    truncated: int  # examples of the split that were truncated
+    order: np.ndarray
+    unit_segments: np.ndarray
+    example: np.ndarray
+    begin: np.ndarray
+    end: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return int(self.order.size)
+
+    def chunk_rows(self, chunk_tokens: int | None = None) -> int:
+        """Rows built at a time: a bounded number of tokens."""
+        return max(1, (_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens) // self.max_length)
+
+
+def plan_packing(lengths: np.ndarray, max_length: int, *, seed: int | None, raw_text: bool = False,
+                 truncated: int = 0, describe: Any = None) -> PackPlan:
+    """The :class:`PackPlan` of examples of ``lengths`` tokens: best-fit-decreasing, or fixed-length blocks of the
+    documents in order (``raw_text``); rows shuffled with ``seed``. ``describe(i)`` names example ``i`` in the error
+    for an example longer than ``max_length`` (BFD)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if raw_text:
+        doc_starts = np.concatenate(([0], np.cumsum(lengths)))
+        total = int(doc_starts[-1])
+        n_units = -(-total // max_length)
+        # segment boundaries: every document start and every block start
+        bounds = np.union1d(doc_starts, np.arange(0, total + 1, max_length, dtype=np.int64))
+        bounds = np.union1d(bounds, [total])
+        seg_begin, seg_end = bounds[:-1], bounds[1:]
+        example = np.searchsorted(doc_starts, seg_begin, side="right") - 1
+        unit_segments = np.searchsorted(seg_begin // max_length, np.arange(n_units + 1))
+        begin, end = seg_begin - doc_starts[example], seg_end - doc_starts[example]
+    else:
+        if lengths.size and lengths.max() > max_length:
+            i = int(np.argmax(lengths))
+            name = describe(i) if describe is not None else f"example {i}"
+            raise ValueError(f"{name} has {int(lengths[i])} tokens > max_length {max_length}: build truncates or drops "
+                             "such examples before packing")
+        example, unit_segments = bfd_arrays(lengths, max_length)
+        n_units = unit_segments.size - 1
+        begin, end = np.zeros(example.size, np.int64), lengths[example]
+    order = np.arange(n_units) if seed is None else np.random.default_rng(seed).permutation(n_units)
+    return PackPlan("blocks" if raw_text else "bfd", max_length, seed, lengths, truncated, order, unit_segments,
+                    example, begin, end)
+
+
+def packed_rows(plan: PackPlan, take: Any, start: int, stop: int) -> tuple[pa.Table, int]:
+    """Packed rows ``start:stop`` of ``plan`` and how many trained first-token labels were masked; ``take(indices)``
+    gives the unpacked columns of those examples of the split (numpy int64 indices, in that order)."""
+    chosen = plan.order[start:stop]
+    segs, seg_offsets = concat_ranges(plan.unit_segments[chosen], plan.unit_segments[chosen + 1])
+    docs = plan.example[segs]
+    seg_lengths = plan.end[segs] - plan.begin[segs]
+    if plan.strategy == "bfd":  # whole examples: take them in row order
+        segments = take(docs)
+        return _rows(segments, seg_lengths, seg_offsets, _flat(segments["input_ids"]), _flat(segments["labels"]),
+                     _flat(segments["kinds"]))
+    # pieces of documents: take each document once, slice its tokens
+    used_docs, inverse = np.unique(docs, return_inverse=True)
+    sub = take(used_docs)
+    sub_starts = np.concatenate(([0], np.cumsum(plan.lengths[used_docs])))
+    seg_src = sub_starts[inverse] + plan.begin[segs]  # first token of each piece in `sub`
+    gather, _ = concat_ranges(seg_src, seg_src + seg_lengths)
+    ids, labels, kinds = _flat(sub["input_ids"])[gather], _flat(sub["labels"])[gather], _flat(sub["kinds"])[gather]
+    return _rows(sub.take(pa.array(inverse)), seg_lengths, seg_offsets, ids, labels, kinds)
+
+
+def write_packed_shard(plan: PackPlan, take: Any, directory: str | Path, split: str, index: int, start: int, stop: int,
+                       chunk_rows: int) -> "_Stats":
+    """Build packed rows ``start:stop`` of ``plan`` and write them as shard ``index`` of ``split``, in the row groups
+    a writer of the whole split makes (:func:`~sftdata.write.chunk_ranges`); the shard's share of the stats (merge
+    them with :meth:`_Stats.merge`)."""
+    from sftdata.write import chunk_ranges, write_shard
+
+    stats = _Stats(plan.strategy, plan.max_length, plan.seed, 0, 0)
+
+    def pieces():
+        for lo, hi in chunk_ranges(start, stop, chunk_rows):
+            rows, masked = packed_rows(plan, take, lo, hi)
+            stats.add(rows, masked)
+            yield rows
+
+    write_shard(Path(directory), split, index, pieces(), schema=PACKED_SCHEMA)
+    return stats
+
+
+def _table_take(table: pa.Table) -> Any:
+    return lambda indices: table.take(pa.array(indices, pa.int64()))
+
+
+def _describe(table: pa.Table) -> Any:
+    return lambda i: f"{table['source'][i].as_py()}:{table['row'][i].as_py()}"
+
+
+def _batches(table: pa.Table, plan: PackPlan, chunk_tokens: int | None):
+    per_chunk = plan.chunk_rows(chunk_tokens)
+    for start in range(0, plan.rows, per_chunk):
+        yield packed_rows(plan, _table_take(table), start, start + per_chunk)
+
+
+def _bfd_batches(table: pa.Table, max_length: int, seed: int | None, chunk_tokens: int | None = None):
     """Yield (packed rows, masked) in output order, a bounded number of tokens at a time."""
-    lengths = _lengths(table)
-    if lengths.size and lengths.max() > max_length:
-        i = int(np.argmax(lengths))
-        raise ValueError(f"{table['source'][i].as_py()}:{table['row'][i].as_py()} has {int(lengths[i])} tokens > "
-                         f"max_length {max_length}: build truncates or drops such examples before packing")
-    items, offsets = bfd_arrays(lengths, max_length)
-    n_bins = offsets.size - 1
-    bin_order = np.arange(n_bins) if seed is None else np.random.default_rng(seed).permutation(n_bins)
-    per_chunk = max(1, chunk_tokens // max_length)
-    for start in range(0, n_bins, per_chunk):
-        chosen = bin_order[start:start + per_chunk]
-        # example indices of the chosen bins, bin after bin
-        positions, seg_offsets = concat_ranges(offsets[chosen], offsets[chosen + 1])
-        example_idx = items[positions]
-        segments = table.take(pa.array(example_idx))
-        yield _rows(segments, lengths[example_idx], seg_offsets, _flat(segments["input_ids"]), _flat(segments["labels"]),
-                    _flat(segments["kinds"]))
+    plan = plan_packing(_lengths(table), max_length, seed=seed, describe=_describe(table))
+    yield from _batches(table, plan, chunk_tokens)
 
 
-def _block_batches(table: pa.Table, max_length: int, seed: int | None, chunk_tokens: int = _CHUNK_TOKENS):
+def _block_batches(table: pa.Table, max_length: int, seed: int | None, chunk_tokens: int | None = None):
     """Yield (packed rows, masked): documents concatenated in input order and cut every ``max_length`` tokens."""
-    lengths = _lengths(table)
-    doc_starts = np.concatenate(([0], np.cumsum(lengths)))
-    total = int(doc_starts[-1])
-    n_blocks = -(-total // max_length)
-    # segment boundaries: every document start and every block start
-    bounds = np.union1d(doc_starts, np.arange(0, total + 1, max_length, dtype=np.int64))
-    bounds = np.union1d(bounds, [total])
-    seg_begin, seg_end = bounds[:-1], bounds[1:]
-    seg_doc = np.searchsorted(doc_starts, seg_begin, side="right") - 1
-    seg_block = seg_begin // max_length
-    block_seg_offsets = np.searchsorted(seg_block, np.arange(n_blocks + 1))
-    block_order = np.arange(n_blocks) if seed is None else np.random.default_rng(seed).permutation(n_blocks)
-    per_chunk = max(1, chunk_tokens // max_length)
-    for start in range(0, n_blocks, per_chunk):
-        chosen = block_order[start:start + per_chunk]
-        segs, seg_offsets = concat_ranges(block_seg_offsets[chosen], block_seg_offsets[chosen + 1])
-        docs = seg_doc[segs]
-        seg_lengths = seg_end[segs] - seg_begin[segs]
-        # tokens of each segment: slice of its document
-        used_docs, inverse = np.unique(docs, return_inverse=True)
-        sub = table.take(pa.array(used_docs))
-        sub_starts = np.concatenate(([0], np.cumsum(lengths[used_docs])))
-        seg_src = sub_starts[inverse] + (seg_begin[segs] - doc_starts[docs])  # first token of each piece in `sub`
-        gather, _ = concat_ranges(seg_src, seg_src + seg_lengths)
-        ids, labels, kinds = _flat(sub["input_ids"])[gather], _flat(sub["labels"])[gather], _flat(sub["kinds"])[gather]
-        yield _rows(sub.take(pa.array(inverse)), seg_lengths, seg_offsets, ids, labels, kinds)
+    plan = plan_packing(_lengths(table), max_length, seed=seed, raw_text=True)
+    yield from _batches(table, plan, chunk_tokens)
 
 
 def _empty_stats(strategy: str, max_length: int, seed: int | None) -> dict[str, Any]:
@@ -300,6 +377,15 @@ class _Stats:
         self.d["examples"] = examples
         self.d["truncated_examples"] = truncated
         self.seg_min, self.seg_max, self.segs = None, 0, 0
+
+    def merge(self, other: "_Stats") -> None:
+        """Add the rows another shard's stats counted (examples and truncated are the split's, set once)."""
+        for key in ("rows", "tokens", "trained_tokens", "full_rows", "first_token_labels_masked"):
+            self.d[key] += other.d[key]
+        if other.seg_min is not None:
+            self.seg_min = other.seg_min if self.seg_min is None else min(self.seg_min, other.seg_min)
+        self.seg_max = max(self.seg_max, other.seg_max)
+        self.segs += other.segs
 
     def add(self, rows: pa.Table, masked: int) -> None:
         d = self.d
@@ -394,20 +480,22 @@ def pack_table(table: pa.Table, dst_dir: str | Path, split: str, max_length: int
                raw_text: bool = False) -> dict[str, Any]:
     """Pack the examples of ``table`` (unpacked columns, in order) into ``dst_dir/{split}-NNNNN.parquet``; the stats
     and the ``files`` written, as :func:`pack_split`."""
-    from sftdata.write import SplitWriter
+    from sftdata.write import shard_ranges
 
     table = _as_table(table)
-    strategy = "blocks" if raw_text else "bfd"
-    stats = _Stats(strategy, max_length, seed, table.num_rows, _count_truncated(table))
-    writer = SplitWriter(Path(dst_dir), split, schema=PACKED_SCHEMA, shard_rows=shard_rows_for(max_length))
-    batches = (_block_batches if raw_text else _bfd_batches)(table, max_length, seed)
-    try:
-        for rows, masked in batches:
-            stats.add(rows, masked)
-            writer.write_table(rows)
-    finally:
-        writer.close()
-    return stats.result(files=list(writer.files))
+    plan = plan_packing(_lengths(table), max_length, seed=seed, raw_text=raw_text, truncated=_count_truncated(table),
+                        describe=_describe(table))
+    stats = plan_stats(plan, table.num_rows)
+    files = []
+    for index, (start, stop) in enumerate(shard_ranges(plan.rows, shard_rows_for(max_length))):
+        stats.merge(write_packed_shard(plan, _table_take(table), dst_dir, split, index, start, stop, plan.chunk_rows()))
+        files.append(f"{split}-{index:05d}.parquet")
+    return stats.result(files=files)
+
+
+def plan_stats(plan: PackPlan, examples: int) -> "_Stats":
+    """Empty stats of a planned split, to merge its shards' stats into."""
+    return _Stats(plan.strategy, plan.max_length, plan.seed, examples, plan.truncated)
 
 
 def unpack_row(row: Mapping[str, Any]) -> list[dict[str, Any]]:

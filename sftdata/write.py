@@ -48,8 +48,10 @@ UNPACKED_SCHEMA = pa.schema([
 class SplitWriter:
     """Streams rows of one split into ``{split}-NNNNN.parquet`` shards of at most ``shard_rows`` rows."""
 
-    def __init__(self, directory: Path, split: str, schema: pa.Schema = UNPACKED_SCHEMA, shard_rows: int = SHARD_ROWS):
+    def __init__(self, directory: Path, split: str, schema: pa.Schema = UNPACKED_SCHEMA, shard_rows: int = SHARD_ROWS,
+                 first_shard: int = 0):
         self.directory = directory
+        self.first_shard = first_shard
         self.split = split
         self.schema = schema
         self.shard_rows = shard_rows
@@ -76,7 +78,7 @@ class SplitWriter:
     def _open(self) -> None:
         if self._writer is not None:
             self._writer.close()
-        name = f"{self.split}-{len(self.files):05d}.parquet"
+        name = f"{self.split}-{self.first_shard + len(self.files):05d}.parquet"
         self.files.append(name)
         self._writer = pq.ParquetWriter(self.directory / name, self.schema, compression="zstd")
         self._rows_in_shard = 0
@@ -86,6 +88,32 @@ class SplitWriter:
             self._open()
         self._writer.close()
         self._writer = None
+
+
+def shard_ranges(rows: int, shard_rows: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each shard of a split of ``rows`` rows, as :class:`SplitWriter` cuts it (an empty split
+    has one empty shard)."""
+    return [(start, min(start + shard_rows, rows)) for start in range(0, rows, shard_rows)] or [(0, 0)]
+
+
+def chunk_ranges(start: int, stop: int, chunk_rows: int) -> list[tuple[int, int]]:
+    """The row groups of the shard ``[start, stop)`` of a split fed to a :class:`SplitWriter` ``chunk_rows`` rows at a
+    time from its first row: a cut at every multiple of ``chunk_rows``, and at the shard's ends. A shard written from
+    these pieces alone is byte-identical to the one the whole split's writer makes, whoever writes it."""
+    cuts = [start, *range((start // chunk_rows + 1) * chunk_rows, stop, chunk_rows), stop]
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+def write_shard(directory: Path, split: str, index: int, pieces: Iterable[pa.Table],
+                schema: pa.Schema = UNPACKED_SCHEMA) -> str:
+    """Write shard ``index`` of a split (``{split}-{index:05d}.parquet``), one row group per piece; its file name."""
+    writer = SplitWriter(Path(directory), split, schema=schema, shard_rows=sys.maxsize, first_shard=index)
+    try:
+        for piece in pieces:
+            writer.write_table(piece)
+    finally:
+        writer.close()
+    return writer.files[0]
 
 
 def is_sftdata_output(directory: Path) -> bool:

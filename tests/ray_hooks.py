@@ -7,6 +7,8 @@
   on a batch that is not the first of its file (so the file's read task has sent parts on already) removes it and
   kills its process (``os._exit``: no exception, no cleanup), as a crashed machine would; Ray then
   restarts the actor and re-sends the batch.
+* When ``SFTDATA_TEST_WRITER_LOG`` is set, every Parquet file a worker opens for writing is logged there as
+  ``PID PATH``, so a test can tell which output shards Ray tasks wrote.
 """
 
 from __future__ import annotations
@@ -24,6 +26,19 @@ def install() -> None:
 
     sftdata.tokenizer.load_tokenizer = refuse
     Decontaminator.__init__ = refuse
+
+    log = os.environ.get("SFTDATA_TEST_WRITER_LOG")
+    if log:
+        import pyarrow.parquet as pq
+
+        open_writer = pq.ParquetWriter.__init__
+
+        def logged(self, where, *args, **kwargs):
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(f"{os.getpid()} {where}\n")
+            open_writer(self, where, *args, **kwargs)
+
+        pq.ParquetWriter.__init__ = logged
 
     marker = os.environ.get("SFTDATA_TEST_CRASH_MARKER")
     if not marker:

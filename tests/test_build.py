@@ -217,3 +217,19 @@ def test_raw_text_is_packed_in_blocks_without_losing_tokens(tmp_path):
     assert all(len(r["input_ids"]) <= 16 for r in blocks)
     assert sorted(t for r in blocks for t in r["input_ids"]) == sorted(flat)
     assert unpacked.manifest["tokens"]["total"] == len(flat) == packed.manifest["tokens"]["total"]
+
+
+def test_take_rows_is_arrow_take_over_many_chunks():
+    import importlib
+
+    import numpy as np
+    import pyarrow as pa
+
+    take_rows = importlib.import_module("sftdata.build").take_rows
+    table = pa.Table.from_batches([pa.record_batch({"ids": pa.array([[b, i] for i in range(b % 4)], pa.list_(pa.int32())),
+                                                    "row": pa.array([10 * b + i for i in range(b % 4)], pa.int64())})
+                                   for b in range(12)])
+    indices = np.random.default_rng(1).permutation(table.num_rows)[:11]
+    taken = take_rows(table, np.append(indices, indices[0]))  # a repeated row too
+    assert taken.equals(table.take(pa.array(np.append(indices, indices[0]))))
+    assert taken["row"].num_chunks == 1 and take_rows(table, np.zeros(0, np.int64)).num_rows == 0

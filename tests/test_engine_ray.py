@@ -5,6 +5,7 @@ with ``ray start``, and when a worker dies mid-build."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import socket
@@ -83,17 +84,20 @@ def recipe_for(corpus: dict, output: Path, **options) -> Recipe:
                  Source(path=corpus["roleplay"], name="roleplay", weight=0.3)],
         tokenizer=str(shared_path("tokenizers", "qwen3")), output=str(output), seed=4, batch_size=64,
         splits={"train": 0.9, "validation": 0.1}, filters={"min_response_chars": 20, "drop_refusals": True},
-        dedup={}, decontaminate={"eval": [corpus["eval"]]}, max_length=512, pack=True, **options)
+        dedup={}, decontaminate={"eval": [corpus["eval"]]}, max_length=512, **{"pack": True, **options})
 
 
 # -- comparing two builds -------------------------------------------------------------------------------------------
 
 def examples(output: Path, split: str) -> Counter:
-    """The multiset of (input_ids, labels, source, row) of a packed split."""
+    """The multiset of (input_ids, labels, source, row) of a split, packed or not."""
     manifest = json.loads((output / "manifest.json").read_text())
     out: Counter = Counter()
     for f in manifest["splits"][split]["files"]:
         for r in pq.read_table(output / f).to_pylist():
+            if "seq_lengths" not in r:
+                out[(tuple(r["input_ids"]), tuple(r["labels"]), r["source"], r["row"])] += 1
+                continue
             start = 0
             for length, source, row in zip(r["seq_lengths"], r["source"], r["row"], strict=True):
                 out[(tuple(r["input_ids"][start:start + length]), tuple(r["labels"][start:start + length]), source,
@@ -124,9 +128,9 @@ def assert_same_build(local: Path, other: Path) -> dict:
 @pytest.fixture(scope="module")
 def local_cluster(tmp_path_factory):
     """A two-CPU Ray started by the test; its workers run tests/ray_hooks.py (nothing the driver ships is rebuilt
-    in a worker; a crash on demand)."""
+    in a worker; a crash on demand; the Parquet files they write logged in writers.log beside the crash marker)."""
     marker = tmp_path_factory.mktemp("crash") / "crash-next-batch"
-    env = {"SFTDATA_TEST_CRASH_MARKER": str(marker),
+    env = {"SFTDATA_TEST_CRASH_MARKER": str(marker), "SFTDATA_TEST_WRITER_LOG": str(marker.with_name("writers.log")),
            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")])}
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=OBJECT_STORE, log_to_driver=False,
              runtime_env={"env_vars": env, "worker_process_setup_hook": "ray_hooks.install"})
@@ -141,9 +145,35 @@ def local_build(corpus, tmp_path_factory):
     return output
 
 
+def shards_written_by_workers(local_cluster: Path, output: Path) -> dict[str, set[int]]:
+    """The output shards (``split/file``) Ray workers opened for writing during the build of ``output``, each with the
+    pids that wrote it (the log is emptied for the next build)."""
+    log = local_cluster.with_name("writers.log")
+    written: dict[str, set[int]] = {}
+    for line in (log.read_text().splitlines() if log.exists() else []):
+        pid, path = line.split(" ", 1)
+        path = Path(path)
+        # a split's shard in the build's staging directory (not a dedup sketch file there)
+        if path.parent.parent.name.startswith(f".{output.name}.tmp-") and path.name.startswith(path.parent.name + "-"):
+            written.setdefault(f"{path.parent.name}/{path.name}", set()).add(int(pid))
+    log.unlink(missing_ok=True)
+    return written
+
+
+def assert_shards_written_by_ray_tasks(local_cluster: Path, output: Path) -> list[str]:
+    files = [f for info in json.loads((output / "manifest.json").read_text())["splits"].values() for f in info["files"]]
+    written = shards_written_by_workers(local_cluster, output)
+    assert sorted(written) == sorted(files)
+    assert os.getpid() not in set().union(*written.values())
+    return files
+
+
 def test_ray_build_is_the_local_build(corpus, local_build, local_cluster, tmp_path):
+    shards_written_by_workers(local_cluster, tmp_path / "ray")  # forget earlier tests' writes
     build(recipe_for(corpus, tmp_path / "ray", engine="ray"))
     manifest = assert_same_build(local_build, tmp_path / "ray")
+    assert assert_shards_written_by_ray_tasks(local_cluster, tmp_path / "ray") == ["train/train-00000.parquet",
+                                                                                    "validation/validation-00000.parquet"]
     # the recipe exercises what it claims to: the comparison is not between two empty builds
     counts = manifest["counts"]
     assert counts["skipped"] == {"malformed-json": 1, "missing-field": 1}
@@ -154,6 +184,30 @@ def test_ray_build_is_the_local_build(corpus, local_build, local_cluster, tmp_pa
     assert counts["rows_read"] == counts["rows_kept"] + counts["skipped_total"] + counts["removed_total"]
     assert {i["source"] for i in manifest["inputs"]} == {"math", "roleplay"} and len(manifest["inputs"]) == 3
     assert set(manifest["splits"]) == {"train", "validation"} and manifest["packing"]["train"]["rows"] > 0
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_many_shards_per_split_written_by_ray_tasks_are_the_local_shards(corpus, local_cluster, tmp_path, monkeypatch,
+                                                                          pack):
+    """Small shards (9 packed rows, 40 examples) fed in chunks that do not divide them (4 packed rows of 512 tokens,
+    15 examples): every shard, row group for row group, is the local engine's, and each was written by a Ray task."""
+    build_module, pack_module = importlib.import_module("sftdata.build"), importlib.import_module("sftdata.pack")
+    monkeypatch.setattr(build_module, "SHARD_ROWS", 40)
+    monkeypatch.setattr(build_module, "GATHER_ROWS", 15)
+    monkeypatch.setattr(pack_module, "shard_rows_for", lambda max_length: 9)
+    monkeypatch.setattr(pack_module, "_CHUNK_TOKENS", 4 * 512)
+    build(recipe_for(corpus, tmp_path / "local", pack=pack))
+    shards_written_by_workers(local_cluster, tmp_path / "ray")
+    build(recipe_for(corpus, tmp_path / "ray", engine="ray", pack=pack))
+    manifest = assert_same_build(tmp_path / "local", tmp_path / "ray")
+    files = assert_shards_written_by_ray_tasks(local_cluster, tmp_path / "ray")
+    train = [f for f in files if f.startswith("train/")]
+    assert train == [f"train/train-{k:05d}.parquet" for k in range(len(train))] and len(train) > 3
+    per_shard = 9 if pack else 40
+    rows = [pq.ParquetFile(tmp_path / "ray" / f).metadata.num_rows for f in train]
+    assert rows[:-1] == [per_shard] * (len(train) - 1) and sum(rows) == manifest["splits"]["train"]["rows"]
+    groups = [pq.ParquetFile(tmp_path / "ray" / f).metadata.num_row_groups for f in train]
+    assert groups[:2] == ([3, 3] if pack else [3, 4])  # rows 0-9: 4+4+1, 9-18: 3+4+2; 0-40: 15+15+10, 40-80: 5+15+15+5
 
 
 def test_distributed_dedup_decides_what_the_local_dedup_decides(local_cluster, tmp_path):
