@@ -45,61 +45,32 @@ UNPACKED_SCHEMA = pa.schema([
 ])
 
 
-class SplitWriter:
-    """Streams rows of one split into ``{split}-NNNNN.parquet`` shards of at most ``shard_rows`` rows."""
+class ShardWriter:
+    """Writes shard ``index`` of a split, ``{split}-{index:05d}.parquet``, one row group per table written; a shard
+    with no row still gets its file, so loaders see the split and its schema."""
 
-    def __init__(self, directory: Path, split: str, schema: pa.Schema = UNPACKED_SCHEMA, shard_rows: int = SHARD_ROWS,
-                 first_shard: int = 0):
-        self.directory = directory
-        self.first_shard = first_shard
-        self.split = split
-        self.schema = schema
-        self.shard_rows = shard_rows
-        self.files: list[str] = []
-        self.rows = 0
-        self._writer: pq.ParquetWriter | None = None
-        self._rows_in_shard = 0
+    def __init__(self, directory: Path, split: str, index: int, schema: pa.Schema = UNPACKED_SCHEMA):
+        self.name = f"{split}-{index:05d}.parquet"
+        self._writer = pq.ParquetWriter(Path(directory) / self.name, schema, compression="zstd")
 
     def write_table(self, table: pa.Table) -> None:
-        offset = 0
-        while offset < table.num_rows:
-            if self._writer is None or self._rows_in_shard >= self.shard_rows:
-                self._open()
-            take = min(table.num_rows - offset, self.shard_rows - self._rows_in_shard)
-            self._writer.write_table(table.slice(offset, take))
-            self._rows_in_shard += take
-            self.rows += take
-            offset += take
-
-    def write_rows(self, columns: dict[str, list[Any]]) -> None:
-        if columns and len(next(iter(columns.values()))):
-            self.write_table(pa.table(columns, schema=self.schema))
-
-    def _open(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        name = f"{self.split}-{self.first_shard + len(self.files):05d}.parquet"
-        self.files.append(name)
-        self._writer = pq.ParquetWriter(self.directory / name, self.schema, compression="zstd")
-        self._rows_in_shard = 0
+        if table.num_rows:
+            self._writer.write_table(table)
 
     def close(self) -> None:
-        if self._writer is None:  # an empty split still gets a file, so loaders see the split and its schema
-            self._open()
         self._writer.close()
-        self._writer = None
 
 
 def shard_ranges(rows: int, shard_rows: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` of each shard of a split of ``rows`` rows, as :class:`SplitWriter` cuts it (an empty split
-    has one empty shard)."""
+    """``[start, stop)`` of each shard of a split of ``rows`` rows, ``shard_rows`` rows each but the last (an empty
+    split has one empty shard)."""
     return [(start, min(start + shard_rows, rows)) for start in range(0, rows, shard_rows)] or [(0, 0)]
 
 
 def chunk_ranges(start: int, stop: int, chunk_rows: int) -> list[tuple[int, int]]:
-    """The row groups of the shard ``[start, stop)`` of a split fed to a :class:`SplitWriter` ``chunk_rows`` rows at a
-    time from its first row: a cut at every multiple of ``chunk_rows``, and at the shard's ends. A shard written from
-    these pieces alone is byte-identical to the one the whole split's writer makes, whoever writes it."""
+    """The row groups of the shard ``[start, stop)`` of a split: a cut at every multiple of ``chunk_rows`` counted from
+    the split's first row, and at the shard's ends. A pure function of the shard, so a shard is byte-identical
+    whoever writes it (the local loop or a Ray task)."""
     cuts = [start, *range((start // chunk_rows + 1) * chunk_rows, stop, chunk_rows), stop]
     return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
@@ -107,13 +78,13 @@ def chunk_ranges(start: int, stop: int, chunk_rows: int) -> list[tuple[int, int]
 def write_shard(directory: Path, split: str, index: int, pieces: Iterable[pa.Table],
                 schema: pa.Schema = UNPACKED_SCHEMA) -> str:
     """Write shard ``index`` of a split (``{split}-{index:05d}.parquet``), one row group per piece; its file name."""
-    writer = SplitWriter(Path(directory), split, schema=schema, shard_rows=sys.maxsize, first_shard=index)
+    writer = ShardWriter(Path(directory), split, index, schema=schema)
     try:
         for piece in pieces:
             writer.write_table(piece)
     finally:
         writer.close()
-    return writer.files[0]
+    return writer.name
 
 
 def is_sftdata_output(directory: Path) -> bool:

@@ -137,10 +137,10 @@ def test_two_concurrent_build_processes_one_output_one_clear_error(tmp_path):
     # Build A pauses (before closing its shards) until the test opens a gate; build B starts meanwhile.
     src_a, src_b = write_rows(tmp_path / "a.jsonl", 50, "a"), write_rows(tmp_path / "b.jsonl", 50, "b")
     out, gate, ready = tmp_path / "out", tmp_path / "gate", tmp_path / "ready"
-    pause = (f"import time, pathlib, sftdata.write as w\n_close = w.SplitWriter.close\n"
+    pause = (f"import time, pathlib, sftdata.write as w\n_close = w.ShardWriter.close\n"
              f"def close(self):\n    pathlib.Path({str(ready)!r}).touch()\n"
              f"    while not pathlib.Path({str(gate)!r}).exists(): time.sleep(0.05)\n    _close(self)\n"
-             f"w.SplitWriter.close = close")
+             f"w.ShardWriter.close = close")
     a = run_sftdata(["build", str(src_a), "-o", str(out), "--tokenizer", TOK, "-q"], prelude=pause)
     try:
         deadline = time.monotonic() + 120
