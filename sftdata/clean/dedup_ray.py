@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-from sftdata.clean.dedup import BatchSketch, DedupConfig, Deduplicator, is_edge
+from sftdata.clean.dedup import BatchSketch, DedupConfig, Deduplicator, exact_first, is_edge
 from sftdata.clean.minhash import Screen
 from sftdata.clean.pairs import pair_jaccard, set_matrix
 
@@ -105,12 +105,13 @@ def _runs(*keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _exact_partition(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every row of the partition that repeats an earlier row's exact key, with that earliest row."""
-    pos = group["pos"]
-    order, start, length = _runs(pos, group["k1"], group["k0"])
-    first = np.repeat(pos[order[start]], length)  # sorted by position inside a run: its first is the earliest
-    later = pos[order] != first
-    return {"pos": pos[order][later], "first": first[later]}
+    """Every row of the partition that repeats an earlier row's exact key, with that earliest row (the local
+    engine's :func:`~sftdata.clean.dedup.exact_first`, over the partition's rows in input order)."""
+    order = np.argsort(group["pos"], kind="stable")
+    pos = group["pos"][order]
+    first = pos[exact_first(np.stack([group["k0"][order], group["k1"][order]], axis=1))]
+    later = pos != first
+    return {"pos": pos[later], "first": first[later]}
 
 
 # Steps that touch the shingle sets work on Arrow batches: list<int64> columns stay flat values + offsets (a numpy
